@@ -1,0 +1,1 @@
+"""Neural-network building blocks: causal masks, masked and gated convolutions, resnets."""
