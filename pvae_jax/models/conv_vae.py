@@ -17,7 +17,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-
 _he_init = nn.initializers.variance_scaling(2.0, "fan_in", "truncated_normal")
 
 
