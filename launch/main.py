@@ -1,0 +1,37 @@
+"""Trains and evaluates one configuration, resuming whatever the workdir holds.
+
+  python launch/main.py --config=configs/quickstart.py --workdir=runs/quickstart
+  python launch/main.py --config=configs/mnist.py:gated_noup --workdir=runs/mnist
+
+Writes metrics.jsonl, TensorBoard events, checkpoints and PNG grids to --workdir.
+"""
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from pvae_jax import runtime, train
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:variant].",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and outputs.")
+_CPU_DEVICES = flags.DEFINE_integer(
+    "cpu_devices", None, "Virtual CPU devices on a CPU-only host (default: one per core).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    runtime.use_cpu_cores_as_devices(_CPU_DEVICES.value)
+    runtime.quiet_library_logs()
+    try:
+        train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+        logging.error("%s", e)
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,156 @@
+"""Tests of the training loop: resume == uninterrupted, skipped non-finite steps,
+metrics, images, and the bad-input messages."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from configs import tiny
+from pvae_jax import train
+from pvae_jax.metrics import read_metrics
+
+
+def _config(**overrides):
+    config = tiny.get_config()
+    config.num_image_samples = 0
+    config.eval_batch_size = 500
+    config.num_eval_batches = 1
+    config.update_from_flattened_dict(overrides)
+    return config
+
+
+def _final_params(workdir):
+    path = os.path.join(workdir, "checkpoints")
+    with ocp.CheckpointManager(path, item_names=("state", "data")) as manager:
+        restored = manager.restore(manager.latest_step(),
+                                   args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    return restored.state
+
+
+def _train_records(workdir):
+    return [r for r in read_metrics(workdir) if r["split"] == "train"]
+
+
+def _without_timing(records):
+    return [{k: v for k, v in r.items() if k != "train/steps_per_sec"} for r in records]
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path):
+    config = _config()
+    whole = str(tmp_path / "whole")
+    train.train_and_evaluate(config, whole)
+    split = str(tmp_path / "split")
+    first = _config(num_train_steps=3)
+    train.train_and_evaluate(first, split)
+    assert os.listdir(os.path.join(split, "checkpoints")) == ["3"]
+    final = train.train_and_evaluate(config, split)
+
+    a, b = _final_params(whole), _final_params(split)
+    assert int(a["step"]) == int(b["step"]) == config.num_train_steps
+    for key in ("params", "opt_state", "ema_params", "rng"):
+        jax.tree.map(np.testing.assert_array_equal, a[key], b[key])
+    # The interrupted run also logged its last step (3); every step both logged agrees.
+    whole_records = _without_timing(_train_records(whole))
+    split_records = [r for r in _without_timing(_train_records(split)) if r["step"] != 3]
+    assert [r["step"] for r in whole_records] == [2, 4, 6]
+    assert whole_records == split_records
+    evals = [r for r in read_metrics(split) if r["split"] == "eval"]
+    # The first run's final eval at step 3 stays; the resumed run adds its own.
+    assert [r["step"] for r in evals] == [3, 6]
+    assert final["eval/nll_bound"] == evals[-1]["eval/nll_bound"]
+
+
+def test_run_writes_metrics_images_and_a_sane_evaluation(tmp_path):
+    config = _config(num_image_samples=4)
+    workdir = str(tmp_path)
+    final = train.train_and_evaluate(config, workdir)
+    records = read_metrics(workdir)
+    train_steps = [r["step"] for r in records if r["split"] == "train"]
+    assert train_steps == [2, 4, 6]
+    for name in ("train/loss", "train/grad_norm", "train/steps_per_sec", "train/kl_weight"):
+        assert all(name in r for r in records if r["split"] == "train")
+    assert final["eval/num_examples"] == 1000  # The final eval covers the whole split.
+    assert final["eval/nll_bound"] == pytest.approx(final["eval/recon"] + final["eval/kl"],
+                                                    rel=1e-5)
+    assert final["eval/kl_level_0"] == pytest.approx(final["eval/kl"], rel=1e-6)
+    assert final["eval/bits_per_dim"] == pytest.approx(
+        final["eval/nll_bound"] / (28 * 28 * np.log(2)), rel=1e-6)
+    assert 0 < final["eval/nll_bound"] < 28 * 28 * np.log(2) * 1.5
+    pngs = sorted(f for f in os.listdir(workdir) if f.endswith(".png"))
+    assert pngs == ["reconstructions_00000006.png", "samples_00000006.png"]
+
+
+def test_non_finite_step_is_skipped_and_counted():
+    config = _config()
+    trainer = train.Trainer(config)
+    state = trainer.init_state(jax.random.key(0))
+    good = jnp.asarray(np.random.default_rng(0).integers(0, 2, (8, 28, 28, 1)), jnp.float32)
+    bad = good.at[3, 5, 5, 0].set(jnp.nan)
+    before = jax.device_get(state)
+    state, metrics = trainer.train_step(state, bad)
+    assert not np.isfinite(metrics["train/loss"])
+    after = jax.device_get(state)
+    assert int(after.step) == 1 and int(after.nonfinite_total) == 1
+    assert int(after.nonfinite_run) == 1
+    for key in ("params", "opt_state", "ema_params"):
+        jax.tree.map(np.testing.assert_array_equal, getattr(before, key), getattr(after, key))
+    state, metrics = trainer.train_step(state, good)
+    assert np.isfinite(metrics["train/loss"])
+    assert int(state.nonfinite_run) == 0 and int(state.nonfinite_total) == 1
+    changed = jax.tree.map(lambda x, y: bool(np.any(x != y)), before.params,
+                           jax.device_get(state.params))
+    assert any(jax.tree.leaves(changed))
+
+
+def test_a_run_of_non_finite_steps_stops_training(tmp_path, monkeypatch):
+    config = _config(max_consecutive_nonfinite_steps=2, log_every_steps=1)
+    real_iterator = train.data.train_iterator
+
+    def poisoned(*args, **kwargs):
+        for batch in real_iterator(*args, **kwargs):
+            yield {**batch, "image": np.full(batch["image"].shape, np.nan, np.float32)}
+
+    monkeypatch.setattr(train.data, "train_iterator", poisoned)
+    with pytest.raises(FloatingPointError, match="2 consecutive steps"):
+        train.train_and_evaluate(config, str(tmp_path))
+    assert not os.listdir(tmp_path / "checkpoints")
+
+
+def test_kl_warmup_and_ema_schedule():
+    assert float(train.kl_weight(0, 0)) == 1.0
+    np.testing.assert_allclose([float(train.kl_weight(s, 4)) for s in range(6)],
+                               [0.25, 0.5, 0.75, 1, 1, 1])
+    assert float(train.ema_decay_at(0, 0.999)) == pytest.approx(0.1)
+    assert float(train.ema_decay_at(10**6, 0.999)) == pytest.approx(0.999)
+
+
+def test_bad_input_stops_before_training(tmp_path):
+    with pytest.raises(ValueError, match="model.name must be one of"):
+        train.train_and_evaluate(_config(**{"model.name": "pixelgan"}), str(tmp_path / "a"))
+    with pytest.raises(ValueError, match="name"):
+        train.train_and_evaluate(_config(**{"data.name": "imagenet1k"}), str(tmp_path / "b"))
+    with pytest.raises(ValueError, match="batch_size=7 does not divide by the 2 devices"):
+        train.train_and_evaluate(_config(batch_size=7), str(tmp_path / "c"))
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(ValueError, match="is not writable"):
+        train.train_and_evaluate(_config(), str(blocker / "run"))
+
+
+def test_workdir_of_another_model_is_left_untouched(tmp_path):
+    workdir = str(tmp_path)
+    train.train_and_evaluate(_config(num_train_steps=3), workdir)
+    snapshot = {f: os.path.getmtime(os.path.join(workdir, f)) for f in os.listdir(workdir)}
+    metrics = open(os.path.join(workdir, "metrics.jsonl")).read()
+    other = _config(**{"model.name": "gated_pixelvae"})
+    with pytest.raises(ValueError, match="another configuration.*model"):
+        train.train_and_evaluate(other, workdir)
+    assert {f: os.path.getmtime(os.path.join(workdir, f)) for f in os.listdir(workdir)} == \
+        snapshot
+    assert open(os.path.join(workdir, "metrics.jsonl")).read() == metrics
+    assert json.load(open(os.path.join(workdir, "run.json")))["model"]["name"] == "gated_noup"
