@@ -1,0 +1,60 @@
+"""Measures one configuration's compile time, train/eval throughput and memory as JSON.
+
+  python launch/bench.py --config=configs/mnist.py:gated_noup --output=bench.json
+  python launch/bench.py --config=configs/mnist.py:gated_noup,offline \
+      --output=/tmp/bench.json --num_steps=20 --config.batch_size=50
+
+Writes --output atomically and prints the same JSON. Keys: see bench.run_benchmark.
+"""
+
+import json
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from pvae_jax import bench, runtime
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:variant].",
+                                          lock_config=True)
+_OUTPUT = flags.DEFINE_string("output", None, "Path of the JSON file to write.")
+_NUM_STEPS = flags.DEFINE_integer("num_steps", 50, "Timed train steps.")
+_WARMUP_STEPS = flags.DEFINE_integer(
+    "warmup_steps", 5, "Untimed train steps after the compiling one.")
+_NUM_EVAL_BATCHES = flags.DEFINE_integer(
+    "num_eval_batches", 5, "Timed eval batches after the compiling one.")
+_CPU_DEVICES = flags.DEFINE_integer(
+    "cpu_devices", None, "Virtual CPU devices on a CPU-only host (default: one per core).")
+flags.mark_flags_as_required(["config", "output"])
+
+
+def _write_atomically(path: str, text: str) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp.{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    runtime.use_cpu_cores_as_devices(_CPU_DEVICES.value)
+    runtime.quiet_library_logs()
+    try:
+        result = bench.run_benchmark(
+            _CONFIG.value, num_steps=_NUM_STEPS.value, warmup_steps=_WARMUP_STEPS.value,
+            num_eval_batches=_NUM_EVAL_BATCHES.value,
+            config_name=config_flags.get_config_filename(flags.FLAGS["config"]))
+    except (ValueError, FileNotFoundError) as e:
+        logging.error("%s", e)
+        sys.exit(f"error: {e}")
+    text = json.dumps(result, indent=2, sort_keys=True) + "\n"
+    _write_atomically(_OUTPUT.value, text)
+    print(text, end="")
+
+
+if __name__ == "__main__":
+    app.run(main)

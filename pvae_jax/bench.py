@@ -1,0 +1,225 @@
+"""Throughput of one configuration's train and eval steps: ``run_benchmark(config)``.
+
+Numbers come from the code paths a training run uses: ``train.Trainer``'s jitted
+steps on the ``'data'`` mesh, fed by the real grain input pipeline
+(``data.train_iterator``), with dispatch left asynchronous as in
+``train.train_and_evaluate`` (one host sync at the end of the timed steps, none per
+step). ``launch/bench.py`` writes the result as JSON; tests check its schema, never
+its values.
+"""
+
+from __future__ import annotations
+
+import datetime
+import itertools
+import json
+import math
+import os
+import platform
+import resource
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from pvae_jax import data, train
+
+
+def _peak_rss_bytes() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # ru_maxrss is in KiB on Linux and in bytes on macOS.
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def _device_memory_stats(device) -> dict[str, int] | None:
+    try:
+        stats = device.memory_stats()
+    except (AttributeError, NotImplementedError, RuntimeError):
+        return None
+    if not stats:
+        return None
+    return {k: int(v) for k, v in stats.items() if isinstance(v, (int, np.integer))}
+
+
+def _train_flops(trainer: train.Trainer, state, image) -> float | None:
+    """FLOPs of one global train step from XLA's cost analysis, or None.
+
+    The executable is the one the timed steps ran (jit's compilation cache makes this
+    cheap). Under SPMD its cost analysis describes one device's partition, so it is
+    scaled by the mesh size to cover the global batch.
+    """
+    try:
+        cost = trainer.train_step.lower(state, image).compile().cost_analysis()
+    except Exception:  # noqa: BLE001 - cost analysis is optional on every backend.
+        return None
+    if isinstance(cost, (list, tuple)):  # Older JAX: one dict per partition.
+        cost = cost[0] if cost else None
+    flops = (cost or {}).get("flops")
+    if flops is None or not math.isfinite(flops) or flops <= 0:
+        return None
+    return float(flops) * trainer.mesh.size
+
+
+def _context(config: ml_collections.ConfigDict, config_name: str | None,
+             trainer: train.Trainer, num_params: int) -> dict[str, Any]:
+    device = jax.devices()[0]
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        affinity = None
+    return {
+        "config_name": config_name,
+        "config": json.loads(config.to_json()),
+        "model_name": config.model.name,
+        "dataset_name": trainer.info.name,
+        "batch_size": int(config.batch_size),
+        "eval_batch_size": int(config.eval_batch_size),
+        "image_shape": list(trainer.info.image_shape),
+        "num_levels": int(trainer.info.num_levels),
+        "num_params": num_params,
+        "worker_count": int(config.data.worker_count),
+        "device_platform": device.platform,
+        "device_kind": device.device_kind,
+        "device_count": jax.device_count(),
+        "local_device_count": jax.local_device_count(),
+        "process_count": jax.process_count(),
+        "jax_version": jax.__version__,
+        "python_version": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity_count": affinity,
+        "machine": {"system": platform.system(), "machine": platform.machine(),
+                    "processor": platform.processor()},
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(
+            timespec="seconds"),
+    }
+
+
+def run_benchmark(
+    config: ml_collections.ConfigDict,
+    *,
+    num_steps: int = 50,
+    warmup_steps: int = 5,
+    num_eval_batches: int = 5,
+    config_name: str | None = None,
+) -> dict[str, Any]:
+    """Measures compile time, train and eval throughput and memory of ``config``.
+
+    Runs one compiling train step, ``warmup_steps`` untimed steps, then ``num_steps``
+    timed ones; then one compiling eval batch (the eval warm-up) and
+    ``num_eval_batches`` timed ones (the eval split is cycled if it has fewer).
+    Train batches come from ``data.train_iterator`` with ``config.seed`` and
+    ``config.data.worker_count``; eval batches from ``Trainer.eval_data``.
+
+    ``input_wait_fraction`` is the share of the timed steps' wall time the host spent
+    in ``next(data_iterator)`` and ``Trainer.put``. Dispatch is asynchronous, so that
+    time may overlap the device's work on the previous step: it bounds from above how
+    much the input pipeline slows training. ``eval_images_per_sec`` counts every row of
+    a batch, padding included (what the device computes). ``model_flops_per_image``
+    is XLA's count for the whole train step (forward, backward, optimiser, EMA).
+
+    Args:
+      config: a full experiment config (as ``train.train_and_evaluate`` takes).
+      num_steps: timed train steps (>= 1).
+      warmup_steps: untimed train steps after the compiling one (>= 0).
+      num_eval_batches: timed eval batches (>= 1).
+      config_name: the config string it came from (e.g. 'configs/mnist.py:gated_noup'),
+        recorded as context.
+
+    Returns:
+      A JSON-serialisable dict: the measurements (``compile_seconds``,
+      ``train_images_per_sec``, ``train_steps_per_sec``, ``input_wait_fraction``,
+      ``eval_images_per_sec``, ``model_flops_per_image``, ``train_gflops_per_sec``,
+      ``peak_rss_bytes``, ``device_memory_stats``, ...) and the context (config,
+      model, shapes, parameter count, devices, versions, timestamp).
+
+    Raises:
+      ValueError: a count out of range, or a bad config (as ``train.Trainer`` raises).
+    """
+    if num_steps < 1 or warmup_steps < 0 or num_eval_batches < 1:
+        raise ValueError(
+            f"need num_steps >= 1, warmup_steps >= 0 and num_eval_batches >= 1; got "
+            f"{num_steps}, {warmup_steps} and {num_eval_batches}.")
+    start = time.perf_counter()
+    trainer = train.Trainer(config)
+    train_key, eval_key, _ = jax.random.split(jax.random.key(config.seed), 3)
+    state = trainer.init_state(train_key)
+    num_params = int(sum(x.size for x in jax.tree.leaves(state.params)))
+    data_iter = data.train_iterator(
+        config.data, config.batch_size, seed=config.seed,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        worker_count=config.data.worker_count)
+    setup_seconds = time.perf_counter() - start
+
+    t0 = time.perf_counter()
+    image = trainer.put(next(data_iter))["image"]
+    first_batch_seconds = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    state, metrics = trainer.train_step(state, image)
+    jax.block_until_ready((state, metrics))
+    train_compile_seconds = time.perf_counter() - t0
+
+    for _ in range(warmup_steps):
+        state, metrics = trainer.train_step(state, trainer.put(next(data_iter))["image"])
+    jax.block_until_ready((state, metrics))
+
+    input_seconds = 0.0
+    t_start = time.perf_counter()
+    for _ in range(num_steps):
+        t0 = time.perf_counter()
+        image = trainer.put(next(data_iter))["image"]
+        input_seconds += time.perf_counter() - t0
+        state, metrics = trainer.train_step(state, image)
+    jax.block_until_ready((state, metrics))
+    train_seconds = time.perf_counter() - t_start
+    last_loss = float(jax.device_get(metrics["train/loss"]))
+    flops_per_step = _train_flops(trainer, state, image)
+    del data_iter  # Lets grain stop its worker processes, if any, before eval is timed.
+
+    # Eval as Trainer.evaluate does it: batches placed on the mesh, sums added on device.
+    eval_batches = itertools.cycle(trainer.eval_data)
+    keys = [jax.random.fold_in(eval_key, i) for i in range(num_eval_batches + 1)]
+    t0 = time.perf_counter()
+    totals = trainer.eval_step(state.ema_params, state.model_state,
+                               trainer.put(next(eval_batches)), keys[0])
+    jax.block_until_ready(totals)
+    eval_compile_seconds = time.perf_counter() - t0
+    # Compiles the small adds of the sums too, so that no compile falls in the timing.
+    jax.block_until_ready(jax.tree.map(jnp.add, totals, totals))
+    t_start = time.perf_counter()
+    for key in keys[1:]:
+        sums = trainer.eval_step(state.ema_params, state.model_state,
+                                 trainer.put(next(eval_batches)), key)
+        totals = jax.tree.map(jnp.add, totals, sums)
+    jax.block_until_ready(totals)
+    eval_seconds = time.perf_counter() - t_start
+
+    train_steps_per_sec = num_steps / train_seconds
+    train_images_per_sec = train_steps_per_sec * config.batch_size
+    flops_per_image = None if flops_per_step is None else flops_per_step / config.batch_size
+    return {
+        **_context(config, config_name, trainer, num_params),
+        "num_steps": num_steps,
+        "warmup_steps": warmup_steps,
+        "num_eval_batches": num_eval_batches,
+        "setup_seconds": setup_seconds,
+        "first_batch_seconds": first_batch_seconds,
+        "compile_seconds": {"train_step": train_compile_seconds,
+                            "eval_step": eval_compile_seconds},
+        "train_seconds": train_seconds,
+        "train_steps_per_sec": train_steps_per_sec,
+        "train_images_per_sec": train_images_per_sec,
+        "input_wait_fraction": min(1.0, input_seconds / train_seconds),
+        "train_loss_last": last_loss,
+        "eval_seconds": eval_seconds,
+        "eval_images_per_sec": num_eval_batches * config.eval_batch_size / eval_seconds,
+        "model_flops_per_image": flops_per_image,
+        "train_gflops_per_sec": (None if flops_per_image is None
+                                 else flops_per_image * train_images_per_sec / 1e9),
+        "peak_rss_bytes": _peak_rss_bytes(),
+        "device_memory_stats": _device_memory_stats(jax.devices()[0]),
+    }

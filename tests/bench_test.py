@@ -1,0 +1,126 @@
+"""Tests of the benchmark's JSON schema, in process and through launch/bench.py.
+
+Only the schema and the relations between numbers are checked: speed itself is never
+asserted by a test.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from configs import tiny
+from pvae_jax import bench
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+_POSITIVE = ("setup_seconds", "first_batch_seconds", "train_seconds", "train_steps_per_sec",
+             "train_images_per_sec", "eval_seconds", "eval_images_per_sec", "peak_rss_bytes",
+             "num_params")
+_CONTEXT = ("config_name", "config", "model_name", "dataset_name", "batch_size",
+            "eval_batch_size", "image_shape", "num_levels", "worker_count", "device_platform",
+            "device_kind", "device_count", "local_device_count", "process_count",
+            "jax_version", "python_version", "cpu_count", "cpu_affinity_count", "machine",
+            "timestamp", "num_steps", "warmup_steps", "num_eval_batches",
+            "device_memory_stats", "model_flops_per_image", "train_gflops_per_sec",
+            "input_wait_fraction", "compile_seconds", "train_loss_last")
+
+
+def _config():
+    config = tiny.get_config()
+    config.eval_batch_size = 100
+    return config
+
+
+def _check_schema(result, config, num_steps, num_eval_batches, device_count):
+    assert set(_POSITIVE + _CONTEXT) <= set(result), set(_POSITIVE + _CONTEXT) - set(result)
+    for key in _POSITIVE:
+        assert math.isfinite(result[key]) and result[key] > 0, (key, result[key])
+    for key in ("train_step", "eval_step"):
+        value = result["compile_seconds"][key]
+        assert math.isfinite(value) and value > 0, (key, value)
+    assert 0.0 <= result["input_wait_fraction"] <= 1.0
+    assert math.isfinite(result["train_loss_last"])
+    assert math.isclose(result["train_images_per_sec"],
+                        result["train_steps_per_sec"] * config.batch_size, rel_tol=1e-9)
+    assert math.isclose(result["train_steps_per_sec"],
+                        num_steps / result["train_seconds"], rel_tol=1e-9)
+    assert math.isclose(result["eval_images_per_sec"],
+                        num_eval_batches * config.eval_batch_size / result["eval_seconds"],
+                        rel_tol=1e-9)
+    flops = result["model_flops_per_image"]
+    if flops is None:
+        assert result["train_gflops_per_sec"] is None
+    else:
+        assert math.isfinite(flops) and flops > 0
+        assert math.isclose(result["train_gflops_per_sec"],
+                            flops * result["train_images_per_sec"] / 1e9, rel_tol=1e-9)
+    stats = result["device_memory_stats"]
+    assert stats is None or all(isinstance(v, int) for v in stats.values())
+    assert result["batch_size"] == config.batch_size
+    assert result["model_name"] == config.model.name
+    assert result["config"]["batch_size"] == config.batch_size
+    assert result["image_shape"] == [28, 28, 1]
+    assert result["num_levels"] == 2
+    assert result["device_count"] == device_count
+    assert result["num_steps"] == num_steps
+    assert result["num_eval_batches"] == num_eval_batches
+    assert isinstance(result["num_params"], int)
+    # What the launcher writes must survive a JSON round trip unchanged.
+    assert json.loads(json.dumps(result)) == result
+
+
+def test_run_benchmark_schema():
+    config = _config()
+    result = bench.run_benchmark(config, num_steps=3, warmup_steps=1, num_eval_batches=2,
+                                 config_name="configs/tiny.py")
+    _check_schema(result, config, num_steps=3, num_eval_batches=2,
+                  device_count=jax.device_count())
+    assert result["config_name"] == "configs/tiny.py"
+
+
+@pytest.mark.parametrize("kwargs", [{"num_steps": 0}, {"warmup_steps": -1},
+                                    {"num_eval_batches": 0}])
+def test_run_benchmark_rejects_bad_counts(kwargs):
+    with pytest.raises(ValueError, match="num_steps >= 1"):
+        bench.run_benchmark(_config(), **kwargs)
+
+
+def test_launcher_writes_json(tmp_path):
+    output = tmp_path / "out" / "bench.json"
+    # XLA:CPU spends most of this test compiling (the init's threefry draws alone take
+    # ~15 s at the default level); only the schema is checked, so compile cheaply.
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+    proc = subprocess.run(
+        [sys.executable, os.path.join(_ROOT, "launch", "bench.py"),
+         "--config=" + os.path.join(_ROOT, "configs", "tiny.py"), f"--output={output}",
+         "--num_steps=2", "--warmup_steps=0", "--num_eval_batches=1", "--cpu_devices=2",
+         "--config.batch_size=4", "--config.eval_batch_size=100"],
+        cwd=_ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(output.read_text())
+    assert json.loads(proc.stdout) == result
+    assert sorted(os.listdir(output.parent)) == ["bench.json"]  # No temporary file left.
+    config = _config()
+    config.batch_size = 4
+    # --cpu_devices splits only a CPU backend; an accelerator host keeps its devices.
+    devices = 2 if result["device_platform"] == "cpu" else result["local_device_count"]
+    _check_schema(result, config, num_steps=2, num_eval_batches=1, device_count=devices)
+    assert result["config_name"].endswith("configs/tiny.py")
+
+
+def test_launcher_reports_bad_config(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, os.path.join(_ROOT, "launch", "bench.py"),
+         "--config=" + os.path.join(_ROOT, "configs", "tiny.py"),
+         f"--output={tmp_path / 'bench.json'}", "--cpu_devices=2",
+         "--config.data.name=no_such_dataset"],
+        cwd=_ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode != 0
+    assert "'no_such_dataset' is not a known dataset" in proc.stderr
+    assert not os.listdir(tmp_path)
