@@ -8,13 +8,12 @@ Writes --output atomically and prints the same JSON. Keys: see bench.run_benchma
 """
 
 import json
-import os
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from pvae_jax import bench, runtime
+from pvae_jax import bench, fileio, runtime
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:variant].",
                                           lock_config=True)
@@ -27,15 +26,6 @@ _NUM_EVAL_BATCHES = flags.DEFINE_integer(
 _CPU_DEVICES = flags.DEFINE_integer(
     "cpu_devices", None, "Virtual CPU devices on a CPU-only host (default: one per core).")
 flags.mark_flags_as_required(["config", "output"])
-
-
-def _write_atomically(path: str, text: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp.{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def main(argv):
@@ -52,7 +42,8 @@ def main(argv):
         logging.error("%s", e)
         sys.exit(f"error: {e}")
     text = json.dumps(result, indent=2, sort_keys=True) + "\n"
-    _write_atomically(_OUTPUT.value, text)
+    with fileio.atomic_write(_OUTPUT.value) as f:
+        f.write(text)
     print(text, end="")
 
 

@@ -21,6 +21,8 @@ from typing import Any
 import grain
 import orbax.checkpoint as ocp
 
+from pvae_jax import fileio
+
 RUN_FILE = "run.json"
 
 
@@ -112,7 +114,5 @@ def check_run_file(workdir: str, run: dict) -> None:
                 f"{[run.get(k) for k in changed]}). Use a new --workdir, or restore the "
                 f"original config to resume; nothing in the workdir was changed.")
         return
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with fileio.atomic_write(path) as f:
         json.dump(run, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)

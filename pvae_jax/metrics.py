@@ -13,6 +13,8 @@ import os
 import jax
 import numpy as np
 
+from pvae_jax import fileio
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -39,10 +41,8 @@ class MetricWriter:
             return
         with open(self._path) as f:
             kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-        tmp = self._path + ".tmp"
-        with open(tmp, "w") as f:
+        with fileio.atomic_write(self._path) as f:
             f.writelines(kept)
-        os.replace(tmp, self._path)
 
     def write(self, step: int, split: str, metrics: dict) -> dict:
         """Logs ``metrics`` (names like 'train/loss') and returns them as Python floats."""

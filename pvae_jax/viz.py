@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import tempfile
 
 import numpy as np
 from PIL import Image
+
+from pvae_jax import fileio
 
 
 def to_uint8(images, num_levels: int) -> np.ndarray:
@@ -109,19 +109,5 @@ def save_png(path: str | os.PathLike, image_HxWxC) -> None:
     if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[-1] not in (3, 4)):
         raise ValueError(f"image must be [H, W] or [H, W, C] with C in (1, 3, 4), got "
                          f"shape {np.shape(image_HxWxC)}")
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".png")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            Image.fromarray(image).save(f, format="PNG")
-            f.flush()
-            os.fsync(f.fileno())
-        # mkstemp makes the file private (0600); a PNG should be as readable as any.
-        os.chmod(tmp_path, 0o644)
-        os.replace(tmp_path, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_path)
-        raise
+    with fileio.atomic_write(path, "wb") as f:
+        Image.fromarray(image).save(f, format="PNG")

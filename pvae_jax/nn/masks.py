@@ -112,10 +112,7 @@ def horizontal_stack_mask(
     centre, plus the centre tap per ``centre_mask``. Only the kernel width is used;
     the mask is one row high."""
     _, kw = kernel_shape(kernel_size)
-    mask = np.zeros((1, kw, in_channels, out_channels), np.float32)
-    mask[0, : kw // 2] = 1.0
-    mask[0, kw // 2] = centre_mask(in_channels, out_channels, mask_type, num_groups)
-    return mask
+    return causal_mask((1, kw), in_channels, out_channels, mask_type, num_groups)
 
 
 def support_box(mask: np.ndarray) -> tuple[int, int, int, int]:
