@@ -8,9 +8,8 @@ Writes --output atomically and prints the same JSON. Keys: see bench.run_benchma
 """
 
 import json
-import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from pvae_jax import bench, fileio, runtime
@@ -31,16 +30,11 @@ flags.mark_flags_as_required(["config", "output"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    runtime.use_cpu_cores_as_devices(_CPU_DEVICES.value)
-    runtime.quiet_library_logs()
-    try:
-        result = bench.run_benchmark(
-            _CONFIG.value, num_steps=_NUM_STEPS.value, warmup_steps=_WARMUP_STEPS.value,
-            num_eval_batches=_NUM_EVAL_BATCHES.value,
-            config_name=config_flags.get_config_filename(flags.FLAGS["config"]))
-    except (ValueError, FileNotFoundError) as e:
-        logging.error("%s", e)
-        sys.exit(f"error: {e}")
+    result = runtime.run_launcher(lambda: bench.run_benchmark(
+        _CONFIG.value, num_steps=_NUM_STEPS.value, warmup_steps=_WARMUP_STEPS.value,
+        num_eval_batches=_NUM_EVAL_BATCHES.value,
+        config_name=config_flags.get_config_filename(flags.FLAGS["config"])),
+        _CPU_DEVICES.value)
     text = json.dumps(result, indent=2, sort_keys=True) + "\n"
     with fileio.atomic_write(_OUTPUT.value) as f:
         f.write(text)

@@ -6,9 +6,7 @@
 Writes metrics.jsonl, TensorBoard events, checkpoints and PNG grids to --workdir.
 """
 
-import sys
-
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from pvae_jax import runtime, train
@@ -24,13 +22,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    runtime.use_cpu_cores_as_devices(_CPU_DEVICES.value)
-    runtime.quiet_library_logs()
-    try:
-        train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
-        logging.error("%s", e)
-        sys.exit(f"error: {e}")
+    runtime.run_launcher(lambda: train.train_and_evaluate(_CONFIG.value, _WORKDIR.value),
+                         _CPU_DEVICES.value)
 
 
 if __name__ == "__main__":

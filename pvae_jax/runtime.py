@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+from collections.abc import Callable
 
 import jax
 from absl import logging as absl_logging
@@ -33,3 +35,20 @@ def quiet_library_logs() -> None:
     """Keeps absl's INFO output to our own records; libraries still warn and fail loudly."""
     absl_logging.set_verbosity(absl_logging.INFO)
     absl_logging.get_absl_handler().addFilter(_QuietLibraries())
+
+
+# What a user can fix (a config field, a missing file, a diverging run): one line, no
+# traceback. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError)
+
+
+def run_launcher(fn: Callable[[], object], cpu_devices: int | None = None):
+    """The common body of ``launch/*.py``: host setup, then ``fn()``, with user errors
+    reported as ``error: ...`` and exit status 1."""
+    use_cpu_cores_as_devices(cpu_devices)
+    quiet_library_logs()
+    try:
+        return fn()
+    except USER_ERRORS as e:
+        absl_logging.error("%s", e)
+        sys.exit(f"error: {e}")
