@@ -120,6 +120,11 @@ class PixelCNN(nn.Module):
     def conditional_log_prob(self, x_BxHxWxC, latents=None):
         return pixel_log_prob(self.logits(x_BxHxWxC, latents), x_BxHxWxC, self.num_levels)
 
+    def decoder_conditioning(self, latents=None):
+        """(cond_vector, cond_map) of the decoder: none without latents."""
+        del latents
+        return None, None
+
     def posterior_sample(self, x_BxHxWxC):
         del x_BxHxWxC
         return None

@@ -72,5 +72,13 @@ class PixelVAE(nn.Module):
             return self.decoder(x_BxHxWxC, cond_vector_BxD=z_BxD)
         return self.decoder(x_BxHxWxC, cond_map_BxHxWxD=self.upsampler(z_BxD))
 
+    def decoder_conditioning(self, z_BxD):
+        """(cond_vector, cond_map) the decoder reads for latents z, one of them None:
+        ``logits(x, z) == decoder(x, *decoder_conditioning(z))``. They do not depend
+        on x, so a sampler computes them once."""
+        if self.conditioning == "vector":
+            return z_BxD, None
+        return None, self.upsampler(z_BxD)
+
     def conditional_log_prob(self, x_BxHxWxC, z_BxD):
         return pixel_log_prob(self.logits(x_BxHxWxC, z_BxD), x_BxHxWxC, self.num_levels)

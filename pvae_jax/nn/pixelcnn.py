@@ -85,37 +85,68 @@ class MaskedConv(nn.Module):
 
     @nn.compact
     def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
-        kh, kw = masks.kernel_shape(self.kernel_size)
-        mask = layer_mask(
-            self.stack, (kh, kw), x_BxHxWxC.shape[-1], self.features, self.mask_type,
-            self.num_groups,
-        )
-        if self.gated:
-            mask = np.concatenate([mask, mask], axis=-1)
-        # Vertical/horizontal masks may be shorter than the kernel; centre them the same way.
-        ch, cw = mask.shape[0] // 2, mask.shape[1] // 2
-        r0, r1, c0, c1 = masks.support_box(mask)
-        mask = mask[r0 : r1 + 1, c0 : c1 + 1]
-        padding = ((ch - r0, r1 - ch), (cw - c0, c1 - cw))
-
+        in_channels = x_BxHxWxC.shape[-1]
+        mask, _ = cropped_mask(self, in_channels)
         init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
         if self.weight_norm:
             v = self.param("v", init, mask.shape)
             # g starts at ||v * mask||, so the layer starts as the plain masked conv.
-            g = self.param("g", lambda _: jnp.linalg.norm(
-                (v * mask).reshape(-1, mask.shape[-1]), axis=0))
-            kernel = weight_norm_kernel(v, g, mask)
+            params = {"v": v, "g": self.param("g", lambda _: jnp.linalg.norm(
+                (v * mask).reshape(-1, mask.shape[-1]), axis=0))}
         else:
-            kernel = self.param("kernel", init, mask.shape)
-            if not mask.all():
-                kernel = kernel * mask
+            params = {"kernel": self.param("kernel", init, mask.shape)}
+        if self.use_bias:
+            params["bias"] = self.param("bias", nn.initializers.zeros, mask.shape[-1:])
+        kernel, padding, bias = masked_conv_kernel(self, params, in_channels)
         y = jax.lax.conv_general_dilated(
             x_BxHxWxC, kernel.astype(x_BxHxWxC.dtype), (1, 1), padding,
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
         )
-        if self.use_bias:
-            y = y + self.param("bias", nn.initializers.zeros, mask.shape[-1:])
-        return y
+        return y if bias is None else y + bias
+
+
+def cropped_mask(conv: MaskedConv, in_channels: int):
+    """The mask of ``conv`` cropped to its support box, and the conv padding that keeps
+    the output aligned with the input.
+
+    Returns:
+      (mask ``[kh', kw', in_channels, out]``, ``((top, bottom), (left, right))``): output
+      position (i, j) reads input rows ``i - top .. i + bottom`` and columns
+      ``j - left .. j + right``, zeros outside the image.
+    """
+    kh, kw = masks.kernel_shape(conv.kernel_size)
+    mask = layer_mask(conv.stack, (kh, kw), in_channels, conv.features, conv.mask_type,
+                      conv.num_groups)
+    if conv.gated:
+        mask = np.concatenate([mask, mask], axis=-1)
+    # Vertical/horizontal masks may be shorter than the kernel; centre them the same way.
+    ch, cw = mask.shape[0] // 2, mask.shape[1] // 2
+    r0, r1, c0, c1 = masks.support_box(mask)
+    mask = mask[r0 : r1 + 1, c0 : c1 + 1]
+    return mask, ((ch - r0, r1 - ch), (cw - c0, c1 - cw))
+
+
+def masked_conv_kernel(conv: MaskedConv, params, in_channels: int):
+    """The kernel ``conv`` convolves with, from its parameters, for per-position use.
+
+    Args:
+      conv: a (possibly unbound) ``MaskedConv`` with the attributes it was built with.
+      params: its parameters (``kernel`` or weight-norm ``v``, ``g``; ``bias``).
+      in_channels: channels of its input.
+
+    Returns:
+      (kernel ``[kh', kw', in_channels, out]`` cropped and masked, padding as in
+      ``cropped_mask``, bias ``[out]`` or None). ``conv(x)`` equals a convolution of the
+      zero-padded ``x`` with this kernel plus the bias.
+    """
+    mask, padding = cropped_mask(conv, in_channels)
+    if conv.weight_norm:
+        kernel = weight_norm_kernel(params["v"], params["g"], mask)
+    else:
+        kernel = params["kernel"]
+        if not mask.all():
+            kernel = kernel * mask
+    return kernel, padding, params.get("bias") if conv.use_bias else None
 
 
 class Conditioning(nn.Module):
