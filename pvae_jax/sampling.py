@@ -405,3 +405,51 @@ def _sample_fast(model, variables, key, fixed_latents, temperature, *, num_sampl
         state["vh"] = [v_to_h(layer, zero_row) for layer in layers]
     state, _ = jax.lax.scan(row, state, jnp.arange(H))
     return state["x"]
+
+
+GRID_VARY = ("none", "top", "pixel")
+
+
+def check_vary(vary: str) -> None:
+    """Raises ValueError unless ``vary`` is one of ``GRID_VARY``."""
+    if vary == "middle":
+        raise ValueError("--vary=middle needs a hierarchical model with a middle level of "
+                         f"latents, which this version does not have; use one of {GRID_VARY}")
+    if vary not in GRID_VARY:
+        raise ValueError(f"--vary must be one of {GRID_VARY}, got {vary!r}")
+
+
+def sample_grid(model, variables, key, num_samples, *, temperature=1.0, method="fast",
+                vary="none"):
+    """``num_samples`` images, ``vary`` choosing what changes across them (paper Fig. 6).
+
+    ``vary``: 'none', independent samples (latents and pixel noise both vary); 'top',
+    the latents vary and every image gets the same pixel noise; 'pixel', one latent
+    draw for the whole grid and only the pixel noise varies. 'top' and 'pixel' need a
+    model with latents.
+    """
+    check_vary(vary)
+    if vary == "none":
+        return sample(model, variables, key, num_samples, temperature=temperature,
+                               method=method)
+
+    def prior(n, k):
+        return model.apply(variables, n, temperature, method="prior_sample",
+                           rngs={"sample": k})
+
+    if jax.eval_shape(lambda k: prior(1, k), key) is None:
+        raise ValueError(f"--vary={vary} needs a model with latents; "
+                         f"{type(model).__name__} has none, use --vary=none")
+    latent_key, pixel_key = jax.random.split(key)
+    if vary == "pixel":
+        z = jax.tree.map(lambda a: jnp.repeat(a, num_samples, axis=0), prior(1, latent_key))
+        return sample(model, variables, pixel_key, num_samples,
+                               temperature=temperature, fixed={"latents": z}, method=method)
+    # 'top': one image per latent draw, each with the same key, hence the same pixel noise.
+    z = prior(num_samples, latent_key)
+
+    def one(z_1):
+        return sample(model, variables, pixel_key, 1, temperature=temperature,
+                               fixed={"latents": z_1}, method=method)[0]
+
+    return jax.vmap(one)(jax.tree.map(lambda a: a[:, None], z))

@@ -248,6 +248,43 @@ def _write_images(trainer: Trainer, state: TrainState, key, workdir: str, step: 
             viz.save_png(path, image)
 
 
+def load_for_sampling(config: ml_collections.ConfigDict, workdir: str):
+    """(trainer, variables with the EMA parameters) of the newest readable checkpoint.
+
+    Raises:
+      FileNotFoundError: no checkpoint in the workdir.
+      ValueError: the workdir holds a run of another model than ``config``'s.
+    """
+    trainer = Trainer(config)
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(ckpt_dir) or not os.path.exists(
+            os.path.join(workdir, checkpointing.RUN_FILE)):
+        raise FileNotFoundError(f"no checkpoints in {ckpt_dir}; train first with "
+                                f"launch/main.py --workdir={workdir}")
+    checkpointing.check_run_file(workdir, run_record(config, trainer.info))
+    # The restore fills a data iterator too; sampling ignores it.
+    data_iter = data.train_iterator(config.data, config.batch_size, seed=config.seed,
+                                    process_index=jax.process_index(),
+                                    process_count=jax.process_count())
+    ckpt = checkpointing.Checkpointer(ckpt_dir, config.keep_checkpoints)
+    try:
+        restored = ckpt.restore(trainer.init_state(jax.random.key(0)), data_iter)
+    finally:
+        ckpt.close()
+    if restored is None:
+        raise FileNotFoundError(f"no checkpoints in {ckpt_dir}; train first with "
+                                f"launch/main.py --workdir={workdir}")
+    state, step = restored
+    logging.info("restored step %d from %s", step, ckpt_dir)
+    return trainer, {"params": state.ema_params, **state.model_state}
+
+
+def run_record(config: ml_collections.ConfigDict, info: data.DatasetInfo) -> dict:
+    """What a workdir's checkpoints are of; see ``checkpointing.check_run_file``."""
+    return {"model": config.model.to_dict(), "data_name": info.name,
+            "image_shape": info.image_shape, "num_levels": info.num_levels}
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains ``config`` in ``workdir`` (resuming what is there) and evaluates it.
 
@@ -257,9 +294,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     _check_workdir(workdir)
     trainer = Trainer(config)
     info = trainer.info
-    checkpointing.check_run_file(workdir, {
-        "model": config.model.to_dict(), "data_name": info.name,
-        "image_shape": info.image_shape, "num_levels": info.num_levels})
+    checkpointing.check_run_file(workdir, run_record(config, info))
     train_key, eval_key, image_key = jax.random.split(jax.random.key(config.seed), 3)
 
     data_iter = data.train_iterator(

@@ -4,7 +4,6 @@ against the model's own probabilities on images small enough to enumerate, the f
 sampler against the reference bit for bit, and launch/sample.py end to end."""
 
 import functools
-import importlib.util
 import itertools
 import math
 import os
@@ -304,18 +303,8 @@ def test_launcher_samples_from_a_trained_workdir(tmp_path):
     assert proc.returncode != 0 and "--vary=middle needs a hierarchical model" in proc.stderr
 
 
-@functools.cache
-def _launcher():
-    """launch/sample.py as a module (its absl flags are defined once per process)."""
-    spec = importlib.util.spec_from_file_location(
-        "_launch_sample", os.path.join(_ROOT, "launch", "sample.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_launcher_vary_modes_say_what_they_need():
-    draw = functools.partial(_launcher().draw, temperature=1.0, method="fast")
+def test_grid_vary_modes_say_what_they_need():
+    draw = functools.partial(sampling.sample_grid, temperature=1.0, method="fast")
     cnn, cnn_variables = _model("pixelcnn", (4, 5, 3), 256)
     for vary in ("top", "pixel"):
         with pytest.raises(ValueError, match=f"--vary={vary} needs a model with latents"):
@@ -324,6 +313,6 @@ def test_launcher_vary_modes_say_what_they_need():
         draw(cnn, cnn_variables, jax.random.key(0), 2, vary="middle")
     # 'pixel': one z for the grid, so at temperature 0 every image is the same.
     vae, vae_variables = _model("gated_noup", (4, 5, 3), 256, 2.0)
-    greedy = np.asarray(_launcher().draw(vae, vae_variables, jax.random.key(0), 3,
-                                         temperature=0.0, method="fast", vary="pixel"))
+    greedy = np.asarray(sampling.sample_grid(vae, vae_variables, jax.random.key(0), 3,
+                                             temperature=0.0, method="fast", vary="pixel"))
     assert (greedy == greedy[:1]).all()
