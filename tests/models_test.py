@@ -388,5 +388,8 @@ def test_build_rejects_fewer_than_two_levels():
 
 
 def test_build_allows_a_factorised_pixelvae_and_any_width_for_the_vae():
-    models.build(_config("pixelvae", num_pixel_layers=0), (4, 4, 1), 2)
-    models.build(_config("vae", pixel_features=4), (4, 4, 3), 256)
+    factorised = models.build(_config("pixelvae", num_pixel_layers=0), (4, 4, 1), 2)
+    assert isinstance(factorised, models.PixelVAE) and factorised.decoder.num_layers == 0
+    # The VAE has no PixelCNN layers, so pixel_features need not divide by 3.
+    vae = models.build(_config("vae", pixel_features=4), (4, 4, 3), 256)
+    assert vae.decoder.num_layers == 0 and vae.decoder.channels == 3
