@@ -239,8 +239,8 @@ def _write_images(trainer: Trainer, state: TrainState, key, workdir: str, step: 
         originals = next(iter(trainer.eval_data))["image"][:n]
         z = model.apply(variables, originals, method="posterior_sample",
                         rngs={"sample": jax.random.fold_in(key, 1)})
-        recons = sampling.sample(model, variables, jax.random.fold_in(key, 2), n,
-                                 fixed={"latents": z})
+        recons = sampling.sample(model, variables, jax.random.fold_in(key, 2),
+                                 len(originals), fixed={"latents": z})
         paths.append(os.path.join(workdir, f"reconstructions_{step:08d}.png"))
         images.append(viz.reconstruction_grid(originals, np.asarray(recons), levels))
     if jax.process_index() == 0:
