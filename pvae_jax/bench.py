@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from pvae_jax import data, train
+from pvae_jax import data, sampling, train
 
 
 def _peak_rss_bytes() -> int:
@@ -222,4 +222,71 @@ def run_benchmark(
                                  else flops_per_image * train_images_per_sec / 1e9),
         "peak_rss_bytes": _peak_rss_bytes(),
         "device_memory_stats": _device_memory_stats(jax.devices()[0]),
+    }
+
+
+def _timed(fn) -> tuple[Any, float, float]:
+    """(result, seconds of the first call with compilation, seconds of a second call)."""
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    result = jax.block_until_ready(fn())
+    return result, first, time.perf_counter() - start
+
+
+def run_sampling_benchmark(
+    config: ml_collections.ConfigDict,
+    *,
+    num_samples: int = 64,
+    reference_samples: int | None = None,
+    config_name: str | None = None,
+) -> dict[str, Any]:
+    """Seconds to draw ``num_samples`` images with the fast and the reference samplers,
+    and for one teacher-forced forward pass of the same batch (fresh parameters: the
+    cost does not depend on their values).
+
+    The reference sampler runs one full pass per sub-pixel; ``reference_samples``
+    (default ``num_samples``) can time it on fewer images, and its seconds are then
+    scaled to ``num_samples`` linearly (reported as such). Both samplers are run on
+    the same key and their images compared.
+    """
+    if num_samples < 1 or (reference_samples is not None and reference_samples < 1):
+        raise ValueError("num_samples and reference_samples must be >= 1")
+    reference_samples = reference_samples or num_samples
+    trainer = train.Trainer(config)
+    model = trainer.model
+    state = trainer.init_state(jax.random.key(config.seed))
+    variables = jax.device_get({"params": state.params, **state.model_state})
+    key = jax.random.key(config.seed + 1)
+    latents = model.apply(variables, num_samples, method="prior_sample", rngs={"sample": key})
+    x = jnp.zeros((num_samples, *trainer.info.image_shape), jnp.uint8)
+    forward = jax.jit(lambda v, x, z: model.apply(v, x, z, method="logits"))
+    _, forward_first, forward_seconds = _timed(lambda: forward(variables, x, latents))
+    fast_images, fast_first, fast_seconds = _timed(
+        lambda: sampling.sample(model, variables, key, reference_samples, method="fast"))
+    if reference_samples != num_samples:
+        _, fast_first, fast_seconds = _timed(
+            lambda: sampling.sample(model, variables, key, num_samples, method="fast"))
+    # The reference is slow: it runs once, its few seconds of compilation included.
+    start = time.perf_counter()
+    reference_images = jax.block_until_ready(sampling.sample(
+        model, variables, key, reference_samples, method="reference"))
+    reference_seconds = (time.perf_counter() - start) * num_samples / reference_samples
+    return {
+        **_context(config, config_name, trainer, int(sum(
+            np.size(p) for p in jax.tree.leaves(state.params)))),
+        "num_samples": num_samples,
+        "reference_samples": reference_samples,
+        "forward_seconds": forward_seconds,
+        "forward_first_call_seconds": forward_first,
+        "fast_seconds": fast_seconds,
+        "fast_first_call_seconds": fast_first,
+        "reference_seconds": reference_seconds,
+        "reference_scaled": reference_samples != num_samples,
+        "fast_over_forward": fast_seconds / forward_seconds,
+        "reference_over_fast": reference_seconds / fast_seconds,
+        "fast_equals_reference": bool(np.array_equal(np.asarray(fast_images),
+                                                      np.asarray(reference_images))),
+        "peak_rss_bytes": _peak_rss_bytes(),
     }

@@ -124,3 +124,21 @@ def test_launcher_reports_bad_config(tmp_path):
     assert proc.returncode != 0
     assert "'no_such_dataset' is not a known dataset" in proc.stderr
     assert not os.listdir(tmp_path)
+
+
+def test_sampling_benchmark_times_all_three_and_compares_the_images():
+    config = _config()
+    config.data.image_size = 6  # 36 sub-pixels keep the reference sampler quick.
+    result = bench.run_sampling_benchmark(config, num_samples=4, reference_samples=2)
+    for key in ("forward_seconds", "fast_seconds", "reference_seconds",
+                "forward_first_call_seconds", "fast_first_call_seconds"):
+        assert math.isfinite(result[key]) and result[key] > 0, (key, result[key])
+    assert result["reference_scaled"] and result["reference_samples"] == 2
+    assert math.isclose(result["fast_over_forward"],
+                        result["fast_seconds"] / result["forward_seconds"], rel_tol=1e-9)
+    assert math.isclose(result["reference_over_fast"],
+                        result["reference_seconds"] / result["fast_seconds"], rel_tol=1e-9)
+    assert result["fast_equals_reference"] is True
+    assert result["image_shape"] == [6, 6, 1]
+    with pytest.raises(ValueError, match="num_samples"):
+        bench.run_sampling_benchmark(config, num_samples=0)
