@@ -26,7 +26,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from pvae_jax import checkpointing, data, models, sampling, viz
-from pvae_jax.metrics import MetricWriter
+from pvae_jax.metrics import METRICS_FILE, MetricWriter, read_metrics
 
 
 @flax.struct.dataclass
@@ -306,18 +306,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state = trainer.init_state(train_key)
     restored = ckpt.restore(state, data_iter)
     writer = MetricWriter(workdir)
+    start, total = 0, config.num_train_steps
     if restored is not None:
         state, start = restored
         writer.truncate_after(start)
         logging.info("resumed from step %d in %s", start, workdir)
-    start = int(state.step)
-
-    def save():
-        ckpt.save(int(state.step), state, data_iter)
-
-    total = config.num_train_steps
+    schedule = learning_rate_schedule(config)
     tick, tick_step = time.time(), start
     try:
+        if start >= total:
+            finished = _final_eval_record(workdir, start)
+            if finished is not None:  # A finished run: report it, write nothing again.
+                logging.info("workdir %s already holds the final eval at step %d", workdir,
+                             start)
+                return finished
         for step in range(start, total):
             state, metrics = trainer.train_step(state, trainer.put(next(data_iter))["image"])
             done = step + 1
@@ -326,7 +328,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 now = time.time()
                 sps = (done - tick_step) / max(now - tick, 1e-9)
                 metrics["train/steps_per_sec"] = sps
-                metrics["train/learning_rate"] = learning_rate_schedule(config)(step)
+                metrics["train/learning_rate"] = schedule(step)
                 writer.write(done, "train", metrics)
                 logging.info("step %d/%d  loss %.3f  (recon %.3f, kl %.3f)  %.2f steps/s  "
                              "ETA %s", done, total, metrics["train/loss"],
@@ -345,7 +347,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             if config.image_every_steps and done % config.image_every_steps == 0:
                 _write_images(trainer, state, image_key, workdir, done)
             if done % config.checkpoint_every_steps == 0 or done == total:
-                save()
+                ckpt.save(done, state, data_iter)
         final = writer.write(int(state.step), "eval", trainer.evaluate(state, eval_key))
         logging.info("final eval at step %d: %s", int(state.step), final)
         if not config.image_every_steps or int(state.step) % config.image_every_steps:
@@ -355,6 +357,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         ckpt.wait()
         ckpt.close()
         writer.close()
+
+
+def _final_eval_record(workdir: str, step: int) -> dict[str, float] | None:
+    """The eval metrics logged at ``step`` (the last step) by a run that finished."""
+    if not os.path.exists(os.path.join(workdir, METRICS_FILE)):
+        return None
+    records = [r for r in read_metrics(workdir) if r["split"] == "eval" and r["step"] == step]
+    if not records:
+        return None
+    return {k: v for k, v in records[-1].items() if k not in ("step", "split")}
 
 
 def _format_eta(seconds: float) -> str:

@@ -83,6 +83,10 @@ def test_run_writes_metrics_images_and_a_sane_evaluation(tmp_path):
     assert 0 < final["eval/nll_bound"] < 28 * 28 * np.log(2) * 1.5
     pngs = sorted(f for f in os.listdir(workdir) if f.endswith(".png"))
     assert pngs == ["reconstructions_00000006.png", "samples_00000006.png"]
+    # Running a finished workdir again reports its final eval and writes nothing.
+    before = open(os.path.join(workdir, "metrics.jsonl")).read()
+    assert train.train_and_evaluate(config, workdir) == final
+    assert open(os.path.join(workdir, "metrics.jsonl")).read() == before
 
 
 def test_non_finite_step_is_skipped_and_counted():

@@ -4,8 +4,8 @@
 follows the contract of DESIGN.md: ``apply(variables, x, train=...,
 rngs={'sample': key})`` gives per-example ``loss``, ``recon``, ``kl`` (and
 ``kl_levels`` for latent models) in nats; ``method='conditional_log_prob'``,
-``'posterior_sample'``, ``'prior_sample'`` and ``'logits'`` serve tests, evaluation
-and samplers.
+``'posterior_sample'``, ``'prior_sample'``, ``'logits'`` and ``'decoder_conditioning'``
+serve tests, evaluation and samplers.
 """
 
 from __future__ import annotations
