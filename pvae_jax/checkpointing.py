@@ -56,7 +56,8 @@ class Checkpointer:
     def restore(self, abstract_state: Any, data_iterator: Any) -> tuple[Any, int] | None:
         """Restores the newest checkpoint that can be read, or returns None if none exist.
 
-        The data iterator is restored in place. A checkpoint that fails to restore is
+        The data iterator, if given, is restored in place (samplers and evaluation
+        pass None and read only the state). A checkpoint that fails to restore is
         reported and left on disk (it is evidence), and the one before it is tried.
 
         Returns:
@@ -69,10 +70,10 @@ class Checkpointer:
         errors = []
         for step in reversed(steps):
             try:
-                restored = self._manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state),
-                    data=grain.checkpoint.CheckpointRestore(data_iterator),
-                ))
+                items = {"state": ocp.args.StandardRestore(abstract_state)}
+                if data_iterator is not None:
+                    items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+                restored = self._manager.restore(step, args=ocp.args.Composite(**items))
             except Exception as e:  # noqa: BLE001 - any failure means "try the previous one"
                 logging.error("checkpoint at step %d in %s could not be restored (%s: %s); "
                               "trying the previous one", step, self.directory,

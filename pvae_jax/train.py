@@ -262,13 +262,9 @@ def load_for_sampling(config: ml_collections.ConfigDict, workdir: str):
         raise FileNotFoundError(f"no checkpoints in {ckpt_dir}; train first with "
                                 f"launch/main.py --workdir={workdir}")
     checkpointing.check_run_file(workdir, run_record(config, trainer.info))
-    # The restore fills a data iterator too; sampling ignores it.
-    data_iter = data.train_iterator(config.data, config.batch_size, seed=config.seed,
-                                    process_index=jax.process_index(),
-                                    process_count=jax.process_count())
     ckpt = checkpointing.Checkpointer(ckpt_dir, config.keep_checkpoints)
     try:
-        restored = ckpt.restore(trainer.init_state(jax.random.key(0)), data_iter)
+        restored = ckpt.restore(trainer.init_state(jax.random.key(0)), data_iterator=None)
     finally:
         ckpt.close()
     if restored is None:

@@ -39,6 +39,9 @@ def test_restore_returns_newest_state_and_data_position(tmp_path):
     assert step == 5 and int(state["step"]) == 5
     np.testing.assert_array_equal(state["w"], 5.0)
     assert next(it) == 5  # Five examples were consumed before the save.
+    state_only, step_only = ckpt.restore(_state(0), data_iterator=None)  # As samplers do.
+    assert step_only == 5
+    np.testing.assert_array_equal(state_only["w"], 5.0)
 
 
 def test_empty_directory_restores_nothing(tmp_path):
