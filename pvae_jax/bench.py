@@ -64,6 +64,10 @@ def _train_flops(trainer: train.Trainer, state, image) -> float | None:
     return float(flops) * trainer.mesh.size
 
 
+def _num_params(params) -> int:
+    return int(sum(x.size for x in jax.tree.leaves(params)))
+
+
 def _context(config: ml_collections.ConfigDict, config_name: str | None,
              trainer: train.Trainer, num_params: int) -> dict[str, Any]:
     device = jax.devices()[0]
@@ -147,7 +151,7 @@ def run_benchmark(
     trainer = train.Trainer(config)
     train_key, eval_key, _ = jax.random.split(jax.random.key(config.seed), 3)
     state = trainer.init_state(train_key)
-    num_params = int(sum(x.size for x in jax.tree.leaves(state.params)))
+    num_params = _num_params(state.params)
     data_iter = data.train_iterator(
         config.data, config.batch_size, seed=config.seed,
         process_index=jax.process_index(), process_count=jax.process_count(),
@@ -274,8 +278,7 @@ def run_sampling_benchmark(
         model, variables, key, reference_samples, method="reference"))
     reference_seconds = (time.perf_counter() - start) * num_samples / reference_samples
     return {
-        **_context(config, config_name, trainer, int(sum(
-            np.size(p) for p in jax.tree.leaves(state.params)))),
+        **_context(config, config_name, trainer, _num_params(state.params)),
         "num_samples": num_samples,
         "reference_samples": reference_samples,
         "forward_seconds": forward_seconds,
