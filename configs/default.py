@@ -53,7 +53,8 @@ def get_config() -> ml_collections.ConfigDict:
     # Element-wise gradient clipping to [-v, v] (0: off), then global-norm clipping (0: off).
     config.grad_clip_value = 0.0
     config.grad_clip_norm = 0.0
-    # KL weight rises linearly from 0 to 1 over this many steps (0: always 1).
+    # KL weight rises linearly from 0 to 1 over this many steps (0: always 1); a tuple
+    # gives one warm-up per latent level, bottom first.
     config.kl_warmup_steps = 0
     # EMA of the parameters, used for evaluation and sampling (0: no EMA).
     config.ema_decay = 0.999

@@ -68,11 +68,16 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
     return optax.chain(*chain)
 
 
-def kl_weight(step, warmup_steps: int):
-    """Linear KL warm-up: 1/warmup_steps at step 0, 1 from step warmup_steps - 1 on."""
-    if not warmup_steps:
-        return jnp.float32(1.0)
-    return jnp.minimum(1.0, (step + 1) / warmup_steps).astype(jnp.float32)
+def kl_weight(step, warmup_steps):
+    """Linear KL warm-up: 1/warmup_steps at step 0, 1 from step warmup_steps - 1 on.
+
+    ``warmup_steps`` is one int for all levels, or one per level (bottom first), which
+    gives a weight vector [L]; 0 means no warm-up.
+    """
+    steps = np.atleast_1d(np.asarray(warmup_steps, np.float32))
+    weights = jnp.where(steps > 0, jnp.minimum(1.0, (step + 1) / np.maximum(steps, 1)), 1.0)
+    weights = weights.astype(jnp.float32)
+    return weights if np.ndim(warmup_steps) else weights[0]
 
 
 def ema_decay_at(step, decay: float):
@@ -119,9 +124,15 @@ def train_step(state: TrainState, image_BxHxWxC, *, model, tx, config):
         "train/recon": out["recon"].mean(),
         "train/kl": out["kl"].mean(),
         "train/grad_norm": grad_norm,
-        "train/kl_weight": weight,
         "train/nonfinite_steps": new_state.nonfinite_total,
     }
+    if "kl_levels" in out:
+        for i, kl in enumerate(out["kl_levels"].mean(axis=0)):
+            metrics[f"train/kl_level_{i}"] = kl
+    if weight.ndim:
+        metrics.update({f"train/kl_weight_level_{i}": w for i, w in enumerate(weight)})
+    else:
+        metrics["train/kl_weight"] = weight
     return new_state, metrics
 
 

@@ -127,6 +127,9 @@ def test_a_run_of_non_finite_steps_stops_training(tmp_path, monkeypatch):
 
 def test_kl_warmup_and_ema_schedule():
     assert float(train.kl_weight(0, 0)) == 1.0
+    # One warm-up per level: each level ramps on its own, 0 meaning none.
+    np.testing.assert_allclose(train.kl_weight(1, (4, 0, 2)), [0.5, 1.0, 1.0])
+    assert train.kl_weight(1, (4, 0, 2)).shape == (3,)
     np.testing.assert_allclose([float(train.kl_weight(s, 4)) for s in range(6)],
                                [0.25, 0.5, 0.75, 1, 1, 1])
     assert float(train.ema_decay_at(0, 0.999)) == pytest.approx(0.1)
