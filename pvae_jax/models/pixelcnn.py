@@ -51,6 +51,13 @@ class PixelDecoder(nn.Module):
       num_head_layers: the 1x1 masked layers before the output ("PixelCNN gated
         convolution 1x1" twice in appendix E.1).
       weight_norm: weight-normalise the masked convolutions.
+      num_convs: gated layers per residual block after the first layer (E.1: 1;
+        E.2's "[3x3] x 2": 2). Gated decoders only.
+      embed_features: 0 feeds the trunk pixel values scaled to [-1, 1]; E > 0 a
+        learned E-dim embedding of each sub-pixel's value (appendix E.2), laid out
+        colour by colour so the colour groups stay contiguous.
+      condition_all_layers: see ``GatedPixelCNNStack``; False conditions the first
+        layer only (gated decoders).
 
     Returns from ``__call__``: logits ``[B, H, W, C]`` (binary) or ``[B, H, W, C, K]``.
     """
@@ -64,6 +71,9 @@ class PixelDecoder(nn.Module):
     kernel_size: int = 5
     num_head_layers: int = 2
     weight_norm: bool = False
+    num_convs: int = 1
+    embed_features: int = 0
+    condition_all_layers: bool = True
 
     @nn.compact
     def __call__(self, x_BxHxWxC, cond_vector_BxD=None, cond_map_BxHxWxD=None):
@@ -75,11 +85,12 @@ class PixelDecoder(nn.Module):
             out = nn.Conv(C * K, (1, 1), name="out")(cond_map_BxHxWxD)
             return self._split(out)
         common = dict(num_groups=groups, weight_norm=self.weight_norm)
-        x = scale_pixels(x_BxHxWxC, self.num_levels)
+        x = self._trunk_input(x_BxHxWxC)
         if self.gated:
-            h = pc.GatedPixelCNNStack(self.features, self.first_kernel_size, self.kernel_size,
-                                      self.num_layers - 1, name="trunk", **common)(
-                x, cond_vector_BxD, cond_map_BxHxWxD)
+            h = pc.GatedPixelCNNStack(
+                self.features, self.first_kernel_size, self.kernel_size, self.num_layers - 1,
+                self.num_convs, condition_all_layers=self.condition_all_layers, name="trunk",
+                **common)(x, cond_vector_BxD, cond_map_BxHxWxD)
         else:
             kernels = [self.first_kernel_size] + [self.kernel_size] * (self.num_layers - 1)
             h = pc.MaskedReLUStack(self.features, kernels, name="trunk", **common)(
@@ -93,6 +104,13 @@ class PixelDecoder(nn.Module):
         # Output channel blocks follow the colour groups: reshape(C, K) splits them.
         out = pc.MaskedConv(C * K, 1, "B", name="out", **common)(h)
         return self._split(out)
+
+    def _trunk_input(self, x_BxHxWxC):
+        if not self.embed_features:
+            return scale_pixels(x_BxHxWxC, self.num_levels)
+        B, H, W, C = x_BxHxWxC.shape
+        e_BxHxWxCxE = nn.Embed(self.num_levels, self.embed_features, name="embed")(x_BxHxWxC)
+        return e_BxHxWxCxE.reshape(B, H, W, C * self.embed_features)
 
     def _split(self, out_BxHxWxCK):
         B, H, W, _ = out_BxHxWxCK.shape
