@@ -14,85 +14,208 @@ message instead of mixing runs.
 from __future__ import annotations
 
 import json
-import logging
 import os
 from typing import Any
 
 import grain
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
+from jax.experimental import multihost_utils
 
 from pvae_jax import fileio
 
 RUN_FILE = "run.json"
+# Beside the checkpoint directory: checkpoints that could not be restored, moved out of
+# the way of new saves of the same step and kept for inspection.
+UNREADABLE_SUFFIX = "_unreadable"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written, or none of those on disk could be read."""
+
+
+def _reason(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:400]}{'...' if len(text) > 400 else ''}"
 
 
 class Checkpointer:
-    """Saves and restores (train state, data iterator) pairs under ``directory``."""
+    """Saves and restores (train state, data iterator) pairs under ``directory``.
+
+    A failed save is reported as a ``CheckpointError`` by the next ``save``,
+    ``check`` or ``wait``, naming the step that failed and the last complete one,
+    which is never deleted for it (orbax removes old checkpoints only after a new one
+    is complete).
+    """
 
     def __init__(self, directory: str, keep: int):
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True,
+            # Half-written saves of a killed run: never restorable, only taking space.
+            cleanup_tmp_directories=True)
         self._manager = ocp.CheckpointManager(
             os.path.abspath(directory), options=options,
             item_names=("state", "data"),
         )
+        self._pending: int | None = None  # The step of a save in flight.
+        self._failed = False
+        self._complete = self._manager.latest_step()
 
     @property
     def directory(self) -> str:
         return str(self._manager.directory)
 
+    @property
+    def unreadable_directory(self) -> str:
+        return self.directory + UNREADABLE_SUFFIX
+
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
+
+    @property
+    def complete_step(self) -> int | None:
+        """The newest step known to be durable on disk (or restored from it)."""
+        return self._complete
+
+    @property
+    def saved_step(self) -> int | None:
+        """The step of the newest save started, complete or not."""
+        return self._pending if self._pending is not None else self._complete
 
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
 
     def save(self, step: int, state: Any, data_iterator: Any) -> None:
-        """Starts an asynchronous save; returns once the arrays are copied off device."""
-        self._manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            data=grain.checkpoint.CheckpointSave(data_iterator),
-        ), force=True)
+        """Starts an asynchronous save; returns once the arrays are copied off device.
 
-    def restore(self, abstract_state: Any, data_iterator: Any) -> tuple[Any, int] | None:
+        Raises:
+          CheckpointError: this save, or the one before it, failed.
+        """
+        self.wait()
+        try:
+            self._manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=grain.checkpoint.CheckpointSave(data_iterator),
+            ), force=True)
+        except Exception as e:  # noqa: BLE001 - disk full, permissions, quota, ...
+            raise self._save_failed(step, e) from e
+        self._pending = step
+
+    def check(self) -> None:
+        """Raises ``CheckpointError`` as soon as a save in flight has failed; cheap."""
+        if self._pending is not None and not self._manager.is_saving_in_progress():
+            self.wait()
+
+    def wait(self) -> None:
+        """Blocks until every save in flight is durable on disk.
+
+        Raises:
+          CheckpointError: the save in flight failed.
+        """
+        if self._pending is None:
+            return
+        step, self._pending = self._pending, None
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            raise self._save_failed(step, e) from e
+        self._complete = step
+
+    def _save_failed(self, step: int, e: BaseException) -> CheckpointError:
+        self._failed = True
+        kept = (f"The last complete checkpoint, step {self._complete}, is kept; run the "
+                f"same command again to resume from it" if self._complete is not None
+                else "No complete checkpoint exists yet; run the same command again to "
+                "start over")
+        return CheckpointError(
+            f"saving the checkpoint of step {step} in {self.directory} failed "
+            f"({_reason(e)}), so training stopped. {kept}, once the disk has space "
+            "again (or the directory is writable).")
+
+    def restore(self, abstract_state: Any, data_iterator: Any, *,
+                set_aside_unreadable: bool = False) -> tuple[Any, int] | None:
         """Restores the newest checkpoint that can be read, or returns None if none exist.
 
         The data iterator, if given, is restored in place (samplers and evaluation
         pass None and read only the state). A checkpoint that fails to restore is
-        reported and left on disk (it is evidence), and the one before it is tried.
+        reported with its step and the reason, and the one before it is tried. It is
+        never deleted: with ``set_aside_unreadable`` (training, which will save that
+        step again) it is moved to ``unreadable_directory``, otherwise left in place.
 
         Returns:
           (state, step), or None when the directory holds no checkpoint.
 
         Raises:
-          RuntimeError: checkpoints exist but none could be restored.
+          CheckpointError: checkpoints exist but none could be restored (then all are
+            left where they are), or processes restored different steps.
         """
-        steps = self.all_steps()
         errors = []
-        for step in reversed(steps):
+        restored = None
+        for step in reversed(self.all_steps()):
             try:
                 items = {"state": ocp.args.StandardRestore(abstract_state)}
                 if data_iterator is not None:
                     items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
                 restored = self._manager.restore(step, args=ocp.args.Composite(**items))
             except Exception as e:  # noqa: BLE001 - any failure means "try the previous one"
-                logging.error("checkpoint at step %d in %s could not be restored (%s: %s); "
-                              "trying the previous one", step, self.directory,
-                              type(e).__name__, e)
-                errors.append(f"step {step}: {type(e).__name__}: {e}")
+                logging.error("the checkpoint of step %d in %s cannot be restored (%s); "
+                              "falling back to the one before it", step, self.directory,
+                              _reason(e))
+                errors.append((step, _reason(e)))
                 continue
-            return restored.state, step
-        if errors:
-            raise RuntimeError(
-                f"no checkpoint in {self.directory} could be restored; they are left as "
-                "they were. Errors, newest first:\n" + "\n".join(errors))
-        return None
+            restored = (restored.state, step)
+            break
+        if restored is None and errors:
+            raise CheckpointError(
+                f"no checkpoint in {self.directory} could be restored; all are left as "
+                "they were. Errors, newest first:\n" +
+                "\n".join(f"step {s}: {r}" for s, r in errors))
+        _check_same_on_all_processes(-1 if restored is None else restored[1])
+        if errors and set_aside_unreadable:
+            self._set_aside([s for s, _ in errors])
+        if restored is not None:
+            self._complete = restored[1]
+        return restored
 
-    def wait(self) -> None:
-        """Blocks until every save in flight is durable on disk."""
-        self._manager.wait_until_finished()
+    def _set_aside(self, steps: list[int]) -> None:
+        if jax.process_index() == 0:
+            os.makedirs(self.unreadable_directory, exist_ok=True)
+            for step in steps:
+                target = os.path.join(self.unreadable_directory, str(step))
+                n = 1
+                while os.path.exists(target):
+                    target = os.path.join(self.unreadable_directory, f"{step}.{n}")
+                    n += 1
+                os.rename(os.path.join(self.directory, str(step)), target)
+                logging.warning("moved the unreadable checkpoint of step %d to %s, where it "
+                                "is kept for inspection", step, target)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("pvae_jax:set_aside_unreadable")
+        self._manager.reload()
 
     def close(self) -> None:
-        self._manager.close()
+        """Waits for saves in flight (see ``wait``) and releases the manager."""
+        try:
+            self.wait()
+        finally:
+            try:
+                self._manager.close()
+            except Exception:  # noqa: BLE001
+                if not self._failed:  # A failure already reported is not raised twice.
+                    raise
+
+
+def _check_same_on_all_processes(step: int) -> None:
+    if jax.process_count() == 1:
+        return
+    steps = np.asarray(multihost_utils.process_allgather(np.int32(step)))
+    if np.any(steps != step):
+        raise CheckpointError(
+            f"the processes restored different checkpoints (steps {steps.tolist()}, -1 "
+            "for none): their view of the checkpoint directory differs. Checkpoints must "
+            "be on a file system every process sees the same way.")
 
 
 def check_run_file(workdir: str, run: dict) -> None:

@@ -25,7 +25,7 @@ from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from pvae_jax import checkpointing, data, models, sampling, viz
+from pvae_jax import checkpointing, data, distributed, models, sampling, viz
 from pvae_jax.metrics import METRICS_FILE, MetricWriter, read_metrics
 
 
@@ -226,7 +226,9 @@ class Trainer:
 def _check_workdir(workdir: str) -> None:
     try:
         os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, ".write_test")
+        # One probe per process: processes sharing the workdir must not remove each
+        # other's.
+        probe = os.path.join(workdir, f".write_test.{jax.process_index()}.{os.getpid()}")
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)
@@ -295,8 +297,17 @@ def run_record(config: ml_collections.ConfigDict, info: data.DatasetInfo) -> dic
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains ``config`` in ``workdir`` (resuming what is there) and evaluates it.
 
+    Every process of a multi-process run calls it with the same arguments; only
+    process 0 writes metrics and images, all take part in checkpoint saves.
+
     Returns:
       The final evaluation over the whole eval split (names as in metrics.jsonl).
+
+    Raises:
+      distributed.Preempted: SIGTERM or SIGINT arrived; a complete checkpoint of the
+        step reached was written first, and the next call resumes from it.
+      checkpointing.CheckpointError: a save failed (the last good checkpoint is kept),
+        or no checkpoint in the workdir could be read.
     """
     _check_workdir(workdir)
     trainer = Trainer(config)
@@ -310,60 +321,81 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         worker_count=config.data.worker_count)
     ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
                                       config.keep_checkpoints)
-    state = trainer.init_state(train_key)
-    restored = ckpt.restore(state, data_iter)
     writer = MetricWriter(workdir)
+    try:
+        with distributed.StopRequest(trainer.batch_sharding) as stop:
+            return _train_loop(config, workdir, trainer, data_iter, ckpt, writer, stop,
+                               (train_key, eval_key, image_key))
+    finally:
+        try:
+            ckpt.close()  # Waits until the saves in flight are durable.
+        finally:
+            writer.close()
+
+
+def _train_loop(config, workdir, trainer, data_iter, ckpt, writer, stop, keys):
+    train_key, eval_key, image_key = keys
+    state = trainer.init_state(train_key)
+    restored = ckpt.restore(state, data_iter, set_aside_unreadable=True)
     start, total = 0, config.num_train_steps
     if restored is not None:
         state, start = restored
         writer.truncate_after(start)
         logging.info("resumed from step %d in %s", start, workdir)
+    if start >= total:
+        finished = _final_eval_record(workdir, start)
+        if finished is not None:  # A finished run: report it, write nothing again.
+            logging.info("workdir %s already holds the final eval at step %d", workdir, start)
+            return finished
     schedule = learning_rate_schedule(config)
     tick, tick_step = time.time(), start
-    try:
-        if start >= total:
-            finished = _final_eval_record(workdir, start)
-            if finished is not None:  # A finished run: report it, write nothing again.
-                logging.info("workdir %s already holds the final eval at step %d", workdir,
-                             start)
-                return finished
-        for step in range(start, total):
-            state, metrics = trainer.train_step(state, trainer.put(next(data_iter))["image"])
-            done = step + 1
-            if done % config.log_every_steps == 0 or done == total:
-                metrics = jax.device_get(metrics)
-                now = time.time()
-                sps = (done - tick_step) / max(now - tick, 1e-9)
-                metrics["train/steps_per_sec"] = sps
-                metrics["train/learning_rate"] = schedule(step)
-                writer.write(done, "train", metrics)
-                logging.info("step %d/%d  loss %.3f  (recon %.3f, kl %.3f)  %.2f steps/s  "
-                             "ETA %s", done, total, metrics["train/loss"],
-                             metrics["train/recon"], metrics["train/kl"], sps,
-                             _format_eta((total - done) / max(sps, 1e-9)))
-                tick, tick_step = now, done
-                if int(state.nonfinite_run) >= config.max_consecutive_nonfinite_steps:
-                    raise FloatingPointError(
-                        f"{int(state.nonfinite_run)} consecutive steps up to step {done} had a "
-                        f"non-finite loss or gradient and were skipped; stopping. The last "
-                        f"good checkpoint (step {ckpt.latest_step()}) is kept in {workdir}. "
-                        "Lower learning_rate or set grad_clip_norm.")
-            if config.eval_every_steps and done % config.eval_every_steps == 0 and done < total:
-                writer.write(done, "eval", trainer.evaluate(
-                    state, eval_key, config.num_eval_batches))
-            if config.image_every_steps and done % config.image_every_steps == 0:
-                _write_images(trainer, state, image_key, workdir, done)
-            if done % config.checkpoint_every_steps == 0 or done == total:
-                ckpt.save(done, state, data_iter)
-        final = writer.write(int(state.step), "eval", trainer.evaluate(state, eval_key))
-        logging.info("final eval at step %d: %s", int(state.step), final)
-        if not config.image_every_steps or int(state.step) % config.image_every_steps:
-            _write_images(trainer, state, image_key, workdir, int(state.step))
-        return final
-    finally:
-        ckpt.wait()
-        ckpt.close()
-        writer.close()
+    for step in range(start, total):
+        state, metrics = trainer.train_step(state, trainer.put(next(data_iter))["image"])
+        done = step + 1
+        if done % config.log_every_steps == 0 or done == total:
+            metrics = jax.device_get(metrics)
+            now = time.time()
+            sps = (done - tick_step) / max(now - tick, 1e-9)
+            metrics["train/steps_per_sec"] = sps
+            metrics["train/learning_rate"] = schedule(step)
+            writer.write(done, "train", metrics)
+            logging.info("step %d/%d  loss %.3f  (recon %.3f, kl %.3f)  %.2f steps/s  "
+                         "ETA %s", done, total, metrics["train/loss"],
+                         metrics["train/recon"], metrics["train/kl"], sps,
+                         _format_eta((total - done) / max(sps, 1e-9)))
+            tick, tick_step = now, done
+            if int(state.nonfinite_run) >= config.max_consecutive_nonfinite_steps:
+                raise FloatingPointError(
+                    f"{int(state.nonfinite_run)} consecutive steps up to step {done} had a "
+                    f"non-finite loss or gradient and were skipped; stopping. The last "
+                    f"good checkpoint (step {ckpt.complete_step}) is kept in {workdir}. "
+                    "Lower learning_rate or set grad_clip_norm.")
+        if config.eval_every_steps and done % config.eval_every_steps == 0 and done < total:
+            writer.write(done, "eval", trainer.evaluate(
+                state, eval_key, config.num_eval_batches))
+        if config.image_every_steps and done % config.image_every_steps == 0:
+            _write_images(trainer, state, image_key, workdir, done)
+        if done % config.checkpoint_every_steps == 0 or done == total:
+            ckpt.save(done, state, data_iter)
+        ckpt.check()  # A failed save stops the run now, not hours later.
+        if stop.poll():
+            _stop(ckpt, stop, workdir, done, state, data_iter)
+    if stop.now():  # The final checkpoint is written; the final eval can wait.
+        _stop(ckpt, stop, workdir, total, state, data_iter)
+    final = writer.write(int(state.step), "eval", trainer.evaluate(state, eval_key))
+    logging.info("final eval at step %d: %s", int(state.step), final)
+    if not config.image_every_steps or int(state.step) % config.image_every_steps:
+        _write_images(trainer, state, image_key, workdir, int(state.step))
+    return final
+
+
+def _stop(ckpt, stop, workdir, step, state, data_iter):
+    """Saves ``step`` (unless just saved), waits until it is durable, raises Preempted."""
+    if ckpt.saved_step != step:
+        ckpt.save(step, state, data_iter)
+    ckpt.wait()
+    raise distributed.Preempted(stop.signal_name or "another process's stop request",
+                                step, workdir)
 
 
 def _final_eval_record(workdir: str, step: int) -> dict[str, float] | None:
