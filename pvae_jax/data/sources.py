@@ -92,6 +92,7 @@ DATASETS: dict[str, DatasetSpec] = {
     for spec in [
         DatasetSpec("fashion_mnist_local", 28, 1, local=True),
         DatasetSpec("mnist5k_local", 28, 1, local=True),
+        DatasetSpec("photo_crops_local", 32, 3, local=True),
         DatasetSpec("binarized_mnist", 28, 1, native_levels=2, has_labels=False),
         DatasetSpec("mnist", 28, 1),
         DatasetSpec("fashion_mnist", 28, 1),
