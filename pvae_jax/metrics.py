@@ -1,7 +1,8 @@
 """Metric logging: one JSON line per logged step in ``metrics.jsonl``, and TensorBoard.
 
 Only process 0 writes. Lines are flushed as they are written, so a crash loses
-nothing that was logged.
+nothing that was logged; a line cut short by a kill mid-write (no newline at its end)
+is ignored when reading and dropped when a resumed run truncates the file.
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ class MetricWriter:
         """Drops records of steps after ``step``: a resumed run recomputes them exactly."""
         if not self._active or not os.path.exists(self._path):
             return
-        with open(self._path) as f:
-            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        kept = [json.dumps(r) + "\n" for r in read_metrics(os.path.dirname(self._path))
+                if r["step"] <= step]
         with fileio.atomic_write(self._path) as f:
             f.writelines(kept)
 
@@ -63,6 +64,9 @@ class MetricWriter:
 
 
 def read_metrics(workdir: str) -> list[dict]:
-    """All records of ``workdir/metrics.jsonl``, in order."""
+    """All complete records of ``workdir/metrics.jsonl``, in order."""
     with open(os.path.join(workdir, METRICS_FILE)) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = f.readlines()
+    if lines and not lines[-1].endswith("\n"):
+        lines.pop()  # Cut short by a kill mid-write; that step is logged again on resume.
+    return [json.loads(line) for line in lines if line.strip()]

@@ -21,3 +21,17 @@ def test_records_are_appended_and_truncated_on_resume(tmp_path):
     resumed.truncate_after(2)
     resumed.write(3, "train", {"train/loss": 3.0})
     assert [r["step"] for r in read_metrics(str(tmp_path))] == [1, 2, 3]
+
+
+def test_a_line_cut_short_by_a_kill_is_ignored_and_dropped_on_resume(tmp_path):
+    writer = MetricWriter(str(tmp_path), tensorboard=False)
+    for step in (1, 2):
+        writer.write(step, "train", {"train/loss": float(step)})
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "split": "train", "train/lo')  # A kill mid-write.
+    assert [r["step"] for r in read_metrics(str(tmp_path))] == [1, 2]
+    resumed = MetricWriter(str(tmp_path), tensorboard=False)
+    resumed.truncate_after(2)
+    resumed.write(3, "train", {"train/loss": 3.0})
+    assert read_metrics(str(tmp_path)) == [
+        {"step": s, "split": "train", "train/loss": float(s)} for s in (1, 2, 3)]
