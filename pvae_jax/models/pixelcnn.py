@@ -138,6 +138,12 @@ class PixelCNN(nn.Module):
     def conditional_log_prob(self, x_BxHxWxC, latents=None):
         return pixel_log_prob(self.logits(x_BxHxWxC, latents), x_BxHxWxC, self.num_levels)
 
+    def importance_log_weights(self, x_BxHxWxC, num_samples: int):
+        """log p(x) repeated S times, [B, S]: with no latents every weight is exact, so
+        the importance-weighted NLL of a PixelCNN is its NLL for any S."""
+        log_px_B = self.conditional_log_prob(x_BxHxWxC).sum(axis=(1, 2, 3))
+        return jnp.broadcast_to(log_px_B[:, None], (log_px_B.shape[0], num_samples))
+
     def decoder_conditioning(self, latents=None):
         """(cond_vector, cond_map) of the decoder: none without latents."""
         del latents

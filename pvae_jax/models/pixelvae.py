@@ -82,3 +82,23 @@ class PixelVAE(nn.Module):
 
     def conditional_log_prob(self, x_BxHxWxC, z_BxD):
         return pixel_log_prob(self.logits(x_BxHxWxC, z_BxD), x_BxHxWxC, self.num_levels)
+
+    def importance_log_weights(self, x_BxHxWxC, num_samples: int):
+        """log w_s = log p(x, z_s) - log q(z_s | x) for S draws z_s ~ q(z|x), [B, S].
+
+        The encoder runs once per image, the decoder on B * S images. With S = 1 the
+        draw is the z that ``__call__`` uses for the same 'sample' key.
+        """
+        mean_BxD, log_std_BxD = self.posterior(x_BxHxWxC)
+        (B, D), S = mean_BxD.shape, num_samples
+        mean_BxSxD = jnp.broadcast_to(mean_BxD[:, None], (B, S, D))
+        log_std_BxSxD = jnp.broadcast_to(log_std_BxD[:, None], (B, S, D))
+        z_BxSxD = distributions.gaussian_sample(self.make_rng("sample"), mean_BxSxD,
+                                                log_std_BxSxD)
+        log_q_BxS = distributions.gaussian_log_prob(mean_BxSxD, log_std_BxSxD, z_BxSxD).sum(-1)
+        log_prior_BxS = distributions.gaussian_log_prob(0.0, 0.0, z_BxSxD).sum(-1)
+        # Sample-major within each image: rows b*S .. b*S+S-1 are image b's draws.
+        x_BSxHxWxC = jnp.repeat(x_BxHxWxC, S, axis=0)
+        log_px_BS = self.conditional_log_prob(x_BSxHxWxC, z_BxSxD.reshape(B * S, D)).sum(
+            axis=(1, 2, 3))
+        return log_px_BS.reshape(B, S) + log_prior_BxS - log_q_BxS
