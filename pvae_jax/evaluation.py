@@ -20,7 +20,7 @@ import math
 import resource
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -89,12 +89,20 @@ def iwae_nll(model, variables, x_BxHxWxC, key, num_samples: int = PAPER_NUM_SAMP
     return math.log(num_samples) - total_B
 
 
-def _progress(iterable: Iterable, total: int, desc: str, enabled: bool):
+class _NoBar:
+    def update(self, n):
+        del n
+
+    def close(self):
+        pass
+
+
+def _progress_bar(total: int, enabled: bool):
     if not enabled:
-        return iterable
+        return _NoBar()
     from tqdm import tqdm
 
-    return tqdm(iterable, total=total, desc=desc, unit="batch", file=sys.stderr)
+    return tqdm(total=total, desc="evaluating", unit="image", file=sys.stderr)
 
 
 def evaluate(trainer, variables, key, *, iwae_samples: int | Sequence[int] = 0,
@@ -131,13 +139,11 @@ def evaluate(trainer, variables, key, *, iwae_samples: int | Sequence[int] = 0,
     if not num_images or num_images < -1:
         raise ValueError(f"num_images must be positive or -1 (all), got {num_images}")
     batches = trainer.eval_data
-    total = len(batches)
-    if num_images > 0:
-        total = min(total, math.ceil(num_images / batches.batch_size))
+    remaining = num_images if num_images > 0 else batches.num_examples
+    bar = _progress_bar(min(remaining, batches.num_examples), progress)
     per_image: dict[str, list[np.ndarray]] = {}
-    remaining = num_images if num_images > 0 else math.inf
-    for i, batch in enumerate(_progress(batches, total, "evaluating", progress)):
-        if i >= total:
+    for i, batch in enumerate(batches):
+        if remaining <= 0:
             break
         # The first `remaining` rows; rows past the split's end are padding (mask 0).
         rows = int(min(len(batch["mask"]), remaining))
@@ -152,14 +158,20 @@ def evaluate(trainer, variables, key, *, iwae_samples: int | Sequence[int] = 0,
             for level, kl in enumerate(jnp.moveaxis(out["kl_levels"], 1, 0)):
                 columns[f"kl_level_{level}"] = kl
         for num_samples in counts:
+            # The bar advances with the pieces of the last (largest) count, the slow part.
+            advance = (lambda n, real=real: bar.update(int(real[n].sum()))) if (
+                num_samples == counts[-1]) else None
             columns[f"iwae_nll_s{num_samples}"] = _iwae_batched(
                 trainer, variables, images,
                 jax.random.fold_in(jax.random.fold_in(batch_key, 1), num_samples),
-                num_samples, chunk_size, iwae_batch_size)
-        if counts:
+                num_samples, chunk_size, iwae_batch_size, advance)
+        if not counts:
+            bar.update(int(real.sum()))
+        else:
             columns["iwae_nll"] = columns[f"iwae_nll_s{counts[-1]}"]
         for name, value in columns.items():
             per_image.setdefault(name, []).append(np.asarray(value)[real])
+    bar.close()
     return summarize(per_image, trainer.info.image_shape, max(counts, default=0))
 
 
@@ -171,13 +183,17 @@ def _place(trainer, images_BxHxWxC):
 
 
 def _iwae_batched(trainer, variables, images_BxHxWxC, key, num_samples, chunk_size,
-                  batch_size):
-    """``iwae_nll`` over a host batch in pieces of ``batch_size`` images."""
+                  batch_size, advance=None):
+    """``iwae_nll`` over a host batch in pieces of ``batch_size`` images; calls
+    ``advance(slice)`` after each piece."""
     out = []
     for i, start in enumerate(range(0, len(images_BxHxWxC), batch_size)):
-        x = _place(trainer, images_BxHxWxC[start:start + batch_size])
+        piece = slice(start, start + batch_size)
+        x = _place(trainer, images_BxHxWxC[piece])
         out.append(np.asarray(iwae_nll(trainer.model, variables, x,
                                        jax.random.fold_in(key, i), num_samples, chunk_size)))
+        if advance is not None:
+            advance(piece)
     return np.concatenate(out)
 
 
@@ -201,10 +217,10 @@ def summarize(per_image: dict[str, list[np.ndarray]], image_shape, iwae_samples:
 def format_table(result: dict[str, Any]) -> str:
     """A plain-text table of an ``evaluate`` result: one row per quantity."""
     names = [k[:-len("_nats")] for k in result if k.endswith("_nats")
-             and f"{k[:-len('_nats')]}_bits_per_dim" in result]
+             and f"{k[:-len('_nats')]}_bits_per_dim" in result and k != "iwae_nll_nats"]
     lines = [f"{'quantity':<22}{'nats':>12}{'bits/dim':>12}"]
     for name in names:
-        label = f"iwae_nll (S={result['iwae_samples']})" if name == "iwae_nll" else name
+        label = f"iwae_nll (S={name[10:]})" if name.startswith("iwae_nll_s") else name
         lines.append(f"{label:<22}{result[name + '_nats']:>12.3f}"
                      f"{result[name + '_bits_per_dim']:>12.5f}")
     lines.append(f"over {result['num_images']} images")
@@ -300,8 +316,8 @@ def benchmark_iwae(config: ml_collections.ConfigDict, *, num_images: int = 4,
 
     Returns:
       A JSON-able dict: ``iwae_samples_per_sec``, ``forward_images_per_sec``, their
-      ``ratio``, ``chunk_temp_bytes``, ``peak_rss_bytes_before`` / ``_after`` and the
-      settings.
+      ``ratio``, ``chunk_temp_bytes``, ``peak_rss_bytes_before`` / ``_after``,
+      ``rss_growth_bytes`` and the settings.
     """
     from pvae_jax import data, models
 
@@ -338,5 +354,9 @@ def benchmark_iwae(config: ml_collections.ConfigDict, *, num_images: int = 4,
         "memory_num_samples": memory_num_samples,
         "peak_rss_bytes_before": rss_before,
         "peak_rss_bytes_after": rss_after,
+        # What S = memory_num_samples added to the peak on top of S = num_samples: the
+        # chunked loop keeps it near zero, where one unchunked call would need about
+        # chunk_temp_bytes * memory_num_samples / chunk_size.
+        "rss_growth_bytes": rss_after - rss_before,
         "devices": [str(d) for d in jax.devices()],
     }
