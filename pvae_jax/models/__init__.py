@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import ml_collections
 
+from pvae_jax.models import auxiliary
 from pvae_jax.models.pixelcnn import PixelCNN, PixelDecoder
 from pvae_jax.models.pixelvae import PixelVAE
 
@@ -39,6 +40,8 @@ def build(model_config: ml_collections.ConfigDict, data_shape: Sequence[int],
         message names the config field.
     """
     name = model_config.name
+    if name in auxiliary.AUXILIARY_MODELS:  # PixelCNNs with auxiliary variables.
+        return auxiliary.build(model_config, data_shape, num_levels)
     if name not in _FAMILIES:
         raise ValueError(f"model.name must be one of {MODEL_NAMES}, got {name!r}")
     if len(data_shape) != 3 or min(data_shape) < 1:
