@@ -291,8 +291,9 @@ def reconstructions(config: ml_collections.ConfigDict, workdir: str, output: str
                          f"and {num_per_image}")
     trainer, variables = _load(config, workdir)
     model = trainer.model
-    if not isinstance(model, models.PixelVAE) and not hasattr(model, "top_posterior_sample"):
-        raise ValueError(f"model {config.model.name!r} has no latents to reconstruct from")
+    if not isinstance(model, models.PixelVAE):
+        raise ValueError(f"reconstructions need a one-level latent model, one of "
+                         f"{sorted(PIXELCNN_OF)}; got model.name={config.model.name!r}")
     originals = np.concatenate([b["image"][b["mask"] > 0] for b in _first_batches(
         trainer.eval_data, num_images)])[:num_images]
     key = jax.random.key(seed)
