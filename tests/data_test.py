@@ -415,3 +415,68 @@ def test_unknown_name_lists_allowed_values():
         data.dataset_info({"name": "nope"})
     with pytest.raises(ValueError, match="stochastic"):
         data.dataset_info({"name": "mnist5k_local", "binarize": "nope"})
+
+
+# ------------------------------------------------------- photo crops, random flips
+
+
+@pytest.fixture(scope="module")
+def photo_dir(tmp_path_factory):
+    directory = str(tmp_path_factory.mktemp("tfds_photos"))
+    # The builder's code at a tenth of the size: preparing all 5,000 crops takes ~20 s.
+    sizes = {"train": 24, "test": 12}
+    with mock.patch.object(builders.PhotoCropsLocal, "CROPS_PER_PHOTO", sizes):
+        data.prepare("photo_crops_local", directory)
+    return directory
+
+
+def test_photo_crops_are_real_rgb_and_train_and_test_come_from_different_photos(photo_dir):
+    info = data.dataset_info(_config("photo_crops_local", photo_dir))
+    assert info == data.DatasetInfo("photo_crops_local", (32, 32, 3), 256, 48, 12)
+    source = tfds.data_source("photo_crops_local", split="train", data_dir=photo_dir,
+                              download=False)
+    train = source.__getitems__(list(range(48)))
+    test = tfds.data_source("photo_crops_local", split="test", data_dir=photo_dir,
+                            download=False).__getitems__(list(range(12)))
+    train_photos = {int(ex["label"]) for ex in train}
+    test_photos = {int(ex["label"]) for ex in test}
+    assert train_photos == {0, 1} and test_photos == {2}
+    images = np.stack([ex["image"] for ex in train + test])
+    assert images.shape == (60, 64, 64, 3) and images.dtype == np.uint8
+    assert np.mean([image.std() for image in images]) > 20  # photos, not blank frames
+    assert np.abs(images[..., 0].astype(int) - images[..., 2]).mean() > 10  # in colour
+    # The crops are a fixed function of the seed: preparing again gives the same bytes.
+    photo = np.asarray(builders.Image.open(builders.photo_path(*builders.PHOTOS[0][:2])))
+    again = builders.random_square_crops(photo, 24, 64, builders.PhotoCropsLocal.MIN_SIDE,
+                                         np.random.default_rng([0, 0]))
+    np.testing.assert_array_equal(again, np.stack([ex["image"] for ex in train[:24]]))
+
+
+def test_random_flip_mirrors_about_half_and_resumes(data_dir):
+    config = _config("mnist5k_local", data_dir, random_flip=True)
+    originals = _eval_arrays(_config("mnist5k_local", data_dir), split="train")["image"]
+    iterator = data.train_iterator(config, 50, seed=0)
+    flipped = 0
+    for batch in _take(iterator, 4):
+        for image, index in zip(batch["image"], batch["index"], strict=True):
+            original = originals[index]
+            is_flipped = np.array_equal(image, original[:, ::-1])
+            assert is_flipped or np.array_equal(image, original)
+            flipped += is_flipped and not np.array_equal(original, original[:, ::-1])
+    assert 60 <= flipped <= 140  # of 200: p = 1/2
+    state = iterator.get_state()
+    expected = _take(iterator, 2)
+    resumed = data.train_iterator(config, 50, seed=0)
+    resumed.set_state(state)
+    _assert_same_batches(_take(resumed, 2), expected)
+    plain = _take(data.train_iterator(_config("mnist5k_local", data_dir), 50, seed=0), 1)[0]
+    first = _take(data.train_iterator(config, 50, seed=0), 1)[0]
+    np.testing.assert_array_equal(plain["index"], first["index"])  # same order, only flips
+
+
+def test_random_flip_must_be_a_bool(data_dir):
+    config = _config("mnist5k_local", data_dir)
+    with config.ignore_type():
+        config.random_flip = "yes"
+    with pytest.raises(ValueError, match="data_config.random_flip"):
+        data.dataset_info(config)

@@ -71,6 +71,9 @@ def default_data_config() -> ml_collections.ConfigDict:
       binarize_seed: int >= 0.
       image_size: side of the square images yielded; None means the dataset's
         own (28, 32, 64 or 128). Other sizes are cropped and area-resized.
+      random_flip: mirror each training image left-right with probability 1/2
+        (a fresh draw every epoch, reproducible from the seed). Evaluation images
+        are never flipped.
     """
     return ml_collections.ConfigDict(
         {
@@ -82,6 +85,7 @@ def default_data_config() -> ml_collections.ConfigDict:
             "binarize_threshold": 127,
             "binarize_seed": 0,
             "image_size": ml_collections.config_dict.placeholder(int),
+            "random_flip": False,
         }
     )
 
@@ -116,6 +120,7 @@ class _Options:
     binarize_seed: int
     image_size: int
     spec: sources.DatasetSpec
+    random_flip: bool = False
 
     @property
     def num_levels(self) -> int:
@@ -153,7 +158,11 @@ def _options(data_config: ml_collections.ConfigDict) -> _Options:
     image_size = get("image_size") or spec.image_size
     if not _is_int(image_size) or image_size <= 0:
         raise ValueError(f"data_config.image_size={image_size!r} must be a positive int or None.")
+    random_flip = get("random_flip", False)
+    if not isinstance(random_flip, bool):
+        raise ValueError(f"data_config.random_flip={random_flip!r} must be True or False.")
     return _Options(
+        random_flip=random_flip,
         name=spec.tfds_name,
         data_dir=get("data_dir"),
         train_split=get("train_split") or "train",
@@ -252,6 +261,25 @@ class _MakeTrainBatch:
         return {"image": self.binarize(images, index_B), "label": labels, "index": index_B}
 
 
+@dataclasses.dataclass(frozen=True)
+class _RandomFlip:
+    """Mirrors each image left-right with probability 1/2.
+
+    grain seeds ``rng`` by the batch's position in the repeated stream, so each epoch
+    draws anew and a resumed iterator draws what an uninterrupted one would. The
+    draws cover the global batch, of which this process keeps its slice.
+    """
+
+    global_batch_size: int
+    start: int
+    stop: int
+
+    def __call__(self, batch: dict[str, np.ndarray], rng: np.random.Generator) -> dict:
+        flip_B = (rng.random(self.global_batch_size) < 0.5)[self.start : self.stop]
+        image = np.where(flip_B[:, None, None, None], batch["image"][:, :, ::-1], batch["image"])
+        return {**batch, "image": image}
+
+
 def _check_process(global_batch_size: int, process_index: int, process_count: int) -> int:
     if not _is_int(global_batch_size) or global_batch_size <= 0:
         raise ValueError(f"global_batch_size={global_batch_size!r} must be a positive int.")
@@ -326,8 +354,12 @@ def train_iterator(
                 stop=(process_index + 1) * local,
             )
         )
-        .to_iter_dataset(_READ_OPTIONS)
     )
+    if opts.random_flip:
+        # A seed of its own, so flips do not follow the shuffle.
+        flip = _RandomFlip(global_batch_size, process_index * local, (process_index + 1) * local)
+        dataset = dataset.random_map(flip, seed=(shuffle_seed + 1) % 2**32)
+    dataset = dataset.to_iter_dataset(_READ_OPTIONS)
     if worker_count:
         if not flags.FLAGS.is_parsed():
             # grain <= 0.2.18 reads one of its absl flags when starting workers and
