@@ -162,7 +162,9 @@ class Trainer:
                 raise ValueError(
                     f"config.{field}={config[field]} does not divide by the {n} devices; "
                     f"use a multiple of {n}.")
-        self.mesh = jax.make_mesh((n,), ("data",))
+        # Auto axes: XLA propagates the batch sharding through any reshape a model
+        # makes (explicit axes would need an out_sharding on each).
+        self.mesh = jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
         self.replicated = NamedSharding(self.mesh, P())
         self.batch_sharding = NamedSharding(self.mesh, P("data"))
         self.eval_data = data.eval_batches(
@@ -248,7 +250,7 @@ def _write_images(trainer: Trainer, state: TrainState, key, workdir: str, step: 
     levels = trainer.info.num_levels
     paths = [os.path.join(workdir, f"samples_{step:08d}.png")]
     images = [viz.image_grid(np.asarray(samples), levels)]
-    if isinstance(model, models.PixelVAE):
+    if isinstance(model, models.PixelVAE | models.HierarchicalPixelVAE):
         originals = next(iter(trainer.eval_data))["image"][:n]
         z = model.apply(variables, originals, method="posterior_sample",
                         rngs={"sample": jax.random.fold_in(key, 1)})
@@ -340,8 +342,10 @@ def _train_loop(config, workdir, trainer, data_iter, ckpt, writer, stop, keys):
     start, total = 0, config.num_train_steps
     if restored is not None:
         state, start = restored
-        writer.truncate_after(start)
         logging.info("resumed from step %d in %s", start, workdir)
+    # Records past the checkpoint (all of them, if a run was killed before its first
+    # checkpoint) are recomputed exactly by this run.
+    writer.truncate_after(start)
     if start >= total:
         finished = _final_eval_record(workdir, start)
         if finished is not None:  # A finished run: report it, write nothing again.

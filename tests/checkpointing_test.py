@@ -49,19 +49,54 @@ def test_empty_directory_restores_nothing(tmp_path):
         is None
 
 
-def test_corrupt_newest_checkpoint_falls_back_and_is_kept(tmp_path):
-    _save_steps(str(tmp_path), [2, 5])
-    state_dir = tmp_path / "5" / "state"
-    for root, _, files in os.walk(state_dir):
-        for name in files:
-            with open(os.path.join(root, name), "wb") as f:
-                f.write(b"\0garbage")
-    ckpt = checkpointing.Checkpointer(str(tmp_path), keep=5)
+def _truncate_largest_file(directory):
+    """Cuts the largest file of a checkpoint item in half, as a disk-full write or a
+    copy interrupted half way leaves it; returns its path and remaining bytes."""
+    files = [os.path.join(root, name) for root, _, names in os.walk(directory)
+             for name in names]
+    path = max(files, key=os.path.getsize)
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    with open(path, "rb") as f:
+        return path, f.read()
+
+
+def test_truncated_newest_checkpoint_falls_back_with_a_message_and_is_kept(tmp_path, caplog):
+    directory = tmp_path / "checkpoints"
+    _save_steps(str(directory), [2, 5])
+    path, contents = _truncate_largest_file(directory / "5" / "state")
+    ckpt = checkpointing.Checkpointer(str(directory), keep=5)
     it = _iterator()
     state, step = ckpt.restore(_state(0), it)
     assert step == 2 and int(state["step"]) == 2
     assert next(it) == 2
-    assert (tmp_path / "5").exists()  # The evidence stays.
+    assert "checkpoint of step 5" in caplog.text and "cannot be restored" in caplog.text
+    assert (directory / "5").exists()  # Without set_aside_unreadable (samplers), untouched.
+    ckpt.close()
+
+
+def test_training_sets_an_unreadable_checkpoint_aside_and_can_save_its_step_again(tmp_path):
+    directory = tmp_path / "checkpoints"
+    _save_steps(str(directory), [2, 5])
+    path, contents = _truncate_largest_file(directory / "5" / "state")
+    ckpt = checkpointing.Checkpointer(str(directory), keep=5)
+    it = _iterator()
+    _, step = ckpt.restore(_state(0), it, set_aside_unreadable=True)
+    assert step == 2 and ckpt.all_steps() == [2]
+    # The evidence is moved, byte for byte, out of the way of the new step 5.
+    moved = os.path.join(ckpt.unreadable_directory, "5",
+                         os.path.relpath(path, directory / "5"))
+    assert ckpt.unreadable_directory == str(tmp_path / "checkpoints_unreadable")
+    with open(moved, "rb") as f:
+        assert f.read() == contents
+    for _ in range(3):
+        next(it)
+    ckpt.save(5, _state(5), it)
+    ckpt.wait()
+    assert ckpt.all_steps() == [2, 5] and ckpt.complete_step == 5
+    state, step = ckpt.restore(_state(0), _iterator())
+    assert step == 5 and int(state["step"]) == 5
+    ckpt.close()
 
 
 def test_no_readable_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
@@ -70,8 +105,10 @@ def test_no_readable_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
         for name in files:
             os.remove(os.path.join(root, name))
     ckpt = checkpointing.Checkpointer(str(tmp_path), keep=5)
-    with pytest.raises(RuntimeError, match="no checkpoint .* could be restored"):
-        ckpt.restore(_state(0), _iterator())
+    with pytest.raises(checkpointing.CheckpointError, match="no checkpoint .* could be "
+                       "restored; all are left as they were"):
+        ckpt.restore(_state(0), _iterator(), set_aside_unreadable=True)
+    assert ckpt.all_steps() == [3]
 
 
 def test_run_file_is_written_once_and_guards_the_workdir(tmp_path):

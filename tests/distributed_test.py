@@ -1,0 +1,327 @@
+"""Tests of multi-process training and fault tolerance: two processes on loopback equal
+one process on two devices, each process reads its own shard of the data, SIGTERM stops
+with a checkpoint, kill -9 at random points, a failing save stops the run.
+
+Runs that must be killed or span processes are subprocesses of launch/main.py (or a
+short driver) with timeouts, so a hang fails the test instead of blocking CI. The
+uninterrupted reference runs in this process, on the same two virtual CPU devices.
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from configs import tiny
+from pvae_jax import checkpointing, data, distributed, train
+from pvae_jax.metrics import read_metrics
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_TIMEOUT_S = 300
+
+# One tiny run for the SIGTERM and kill -9 tests: long enough (log every step, so each
+# step waits for the device) to be stopped in the middle, short enough to finish fast.
+_RUN = {"num_train_steps": 20, "log_every_steps": 1, "checkpoint_every_steps": 4,
+        "keep_checkpoints": 2, "num_image_samples": 0, "eval_batch_size": 500}
+
+
+def _config(overrides):
+    config = tiny.get_config()
+    config.update_from_flattened_dict(overrides)
+    return config
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([_ROOT, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    # The test suite's compilation cache (see conftest), so restarts do not recompile.
+    env["JAX_COMPILATION_CACHE_DIR"] = os.path.join(
+        tempfile.gettempdir(), f"pvae_jax_test_xla_cache_{os.getuid()}")
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
+    return env
+
+
+def _main(workdir, overrides, *flags, cpu_devices=2, **popen_kwargs):
+    args = [sys.executable, os.path.join(_ROOT, "launch", "main.py"),
+            "--config=" + os.path.join(_ROOT, "configs", "tiny.py"), f"--workdir={workdir}",
+            f"--cpu_devices={cpu_devices}", *flags]
+    args += [f"--config.{k}={v}" for k, v in overrides.items()]
+    return subprocess.Popen(args, cwd=_ROOT, env=_env(), text=True, **popen_kwargs)
+
+
+def _run_main(workdir, overrides, *flags):
+    proc = _main(workdir, overrides, *flags, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _, err = proc.communicate(timeout=_TIMEOUT_S)
+    return proc.returncode, err
+
+
+def _wait_for_line(proc, text):
+    """Reads the process's stderr until a line contains ``text``; returns all read."""
+    lines = []
+    deadline = time.time() + _TIMEOUT_S
+    for line in proc.stderr:
+        lines.append(line)
+        if text in line or time.time() > deadline:
+            break
+    return "".join(lines)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _final_state(workdir, config):
+    """The newest checkpoint's state, restored onto this process's two devices."""
+    trainer = train.Trainer(config)
+    ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), 5)
+    try:
+        state, step = ckpt.restore(trainer.init_state(jax.random.key(0)), None)
+    finally:
+        ckpt.close()
+    return jax.device_get(state), step
+
+
+def _assert_same_state(a, b):
+    leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(leaves_a) == len(leaves_b)
+    for x, y in zip(leaves_a, leaves_b, strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def _train_records(workdir):
+    return [{k: v for k, v in r.items() if k != "train/steps_per_sec"}
+            for r in read_metrics(workdir) if r["split"] == "train"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """(workdir, final state) of the uninterrupted _RUN, trained in this process."""
+    workdir = str(tmp_path_factory.mktemp("uninterrupted"))
+    config = _config(_RUN)
+    train.train_and_evaluate(config, workdir)
+    state, step = _final_state(workdir, config)
+    assert step == _RUN["num_train_steps"]
+    return workdir, state
+
+
+def test_cluster_environment_and_bad_arguments(monkeypatch):
+    for name in list(os.environ):
+        if name.startswith(("SLURM_", "OMPI_")) or name == "JAX_COORDINATOR_ADDRESS":
+            monkeypatch.delenv(name)
+    assert distributed.cluster_environment() is None
+    assert not distributed.initialize()  # Alone: nothing to start.
+    slurm = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1", "SLURM_PROCID": "0",
+             "SLURM_LOCALID": "0"}
+    for name, value in slurm.items():
+        monkeypatch.setenv(name, value)
+    assert distributed.cluster_environment() is None  # A batch script, not an srun step.
+    monkeypatch.setenv("SLURM_STEP_NODELIST", "node[1-2]")
+    assert distributed.cluster_environment() is None  # One task.
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    assert distributed.cluster_environment() == "slurm"
+    monkeypatch.delenv("SLURM_NTASKS")
+    monkeypatch.setenv("OMPI_MCA_orte_hnp_uri", "1;tcp://10.0.0.1:1")
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "4")
+    assert distributed.cluster_environment() == "openmpi"
+    monkeypatch.delenv("OMPI_MCA_orte_hnp_uri")
+    with pytest.raises(ValueError, match="needs all of coordinator_address"):
+        distributed.initialize(coordinator_address="localhost:1234")
+    with pytest.raises(ValueError, match=r"process_id=2 must be in \[0, num_processes=2\)"):
+        distributed.initialize(coordinator_address="localhost:1234", num_processes=2,
+                               process_id=2)
+    with pytest.raises(ValueError, match="contradicts"):
+        distributed.initialize("off", num_processes=2)
+    with pytest.raises(ValueError, match="not one of"):
+        distributed.initialize("slurm")
+
+
+def test_stop_request_is_seen_at_the_next_poll_and_a_second_signal_is_not_caught():
+    sharding = NamedSharding(jax.make_mesh((jax.device_count(),), ("data",)), P("data"))
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    with distributed.StopRequest(sharding) as stop:
+        assert not stop.poll() and not stop.now()
+        assert not stop.poll()
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.signal_name == "SIGINT"
+        # Every process reads the combined request one poll later, at the same step.
+        assert not stop.poll()
+        assert stop.poll()
+        assert stop.now()
+        with pytest.raises(KeyboardInterrupt):  # A second Ctrl-C interrupts at once.
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_process_shards_cover_an_epoch_once_and_resume_mid_epoch():
+    config = tiny.get_config().data
+    num_examples = data.dataset_info(config).num_train
+    batch, processes = 200, 2
+    steps = num_examples // batch
+    assert steps * batch == num_examples
+
+    def indices(iterator, n):
+        return [next(iterator)["index"] for _ in range(n)]
+
+    shards = [indices(data.train_iterator(config, batch, seed=3, process_index=p,
+                                          process_count=processes), steps)
+              for p in range(processes)]
+    whole = indices(data.train_iterator(config, batch, seed=3), steps)
+    epoch = np.concatenate([np.concatenate(s) for s in shards])
+    np.testing.assert_array_equal(np.sort(epoch), np.arange(num_examples))  # Once each.
+    for step in range(steps):  # In process order, the shards are the global batch.
+        assert len(shards[0][step]) == len(shards[1][step]) == batch // processes
+        np.testing.assert_array_equal(np.concatenate([s[step] for s in shards]), whole[step])
+
+    for p in range(processes):  # Stop mid-epoch, restore into a fresh iterator.
+        first = data.train_iterator(config, batch, seed=3, process_index=p,
+                                    process_count=processes)
+        head = indices(first, 7)
+        resumed = data.train_iterator(config, batch, seed=3, process_index=p,
+                                      process_count=processes)
+        resumed.set_state(first.get_state())
+        tail = [next(resumed) for _ in range(steps - 7 + 3)]  # Into the next epoch too.
+        reference = data.train_iterator(config, batch, seed=3, process_index=p,
+                                        process_count=processes)
+        expected = [next(reference) for _ in range(steps + 3)]
+        for got, want in zip(head + [b["index"] for b in tail],
+                             [b["index"] for b in expected], strict=True):
+            np.testing.assert_array_equal(got, want)
+        for got, want in zip(tail, expected[7:], strict=True):
+            np.testing.assert_array_equal(got["image"], want["image"])
+
+
+def test_two_processes_train_like_one_process_on_two_devices(tmp_path):
+    overrides = {"num_train_steps": 2, "checkpoint_every_steps": 1, "num_image_samples": 0,
+                 "eval_batch_size": 500}
+    workdir, reference = str(tmp_path / "two"), str(tmp_path / "one")
+    port = _free_port()
+    procs = [_main(workdir, overrides, f"--coordinator_address=localhost:{port}",
+                   "--num_processes=2", f"--process_id={i}", cpu_devices=1,
+                   stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
+    try:
+        errs = [p.communicate(timeout=_TIMEOUT_S)[1] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, err in zip(procs, errs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    assert "process 1 of 2: 1 local and 2 global devices" in errs[1]
+
+    config = _config(overrides)
+    final = train.train_and_evaluate(config, reference)
+    (two, two_step), (one, one_step) = _final_state(workdir, config), \
+        _final_state(reference, config)
+    assert two_step == one_step == 2
+    _assert_same_state(two, one)
+    # Only process 0 logged, once per record, the same numbers.
+    assert _train_records(workdir) == _train_records(reference)
+    evals = [r for r in read_metrics(workdir) if r["split"] == "eval"]
+    assert len(evals) == 1 and evals[0]["eval/nll_bound"] == final["eval/nll_bound"]
+    # Each process saved its own data position.
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints", "2", "data"))) == [
+        "commit_success.txt", "process_0-of-2.json", "process_1-of-2.json"]
+
+
+def test_sigterm_saves_the_step_reached_and_the_resumed_run_is_identical(tmp_path,
+                                                                         uninterrupted):
+    workdir = str(tmp_path)
+    proc = _main(workdir, _RUN, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        seen = _wait_for_line(proc, "step 5/")
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=_TIMEOUT_S)
+    finally:
+        proc.kill()
+    err = seen + err
+    assert proc.returncode == 0, err[-3000:]
+    stopped = int(err.split("stopped on SIGTERM at step ")[1].split(";")[0])
+    assert 5 < stopped < _RUN["num_train_steps"]
+    ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), 5)
+    assert ckpt.latest_step() == stopped  # Complete: committed and listed.
+    ckpt.close()
+    assert _train_records(workdir)[-1]["step"] == stopped
+
+    returncode, err = _run_main(workdir, _RUN)
+    assert returncode == 0, err[-3000:]
+    assert f"resumed from step {stopped}" in err
+    reference_dir, reference = uninterrupted
+    state, _ = _final_state(workdir, _config(_RUN))
+    _assert_same_state(state, reference)
+    assert _train_records(workdir) == _train_records(reference_dir)
+
+
+def test_kill_9_at_random_points_then_resume_equals_uninterrupted(tmp_path, uninterrupted):
+    workdir = str(tmp_path)
+    rng = np.random.default_rng(2017)
+    for delay_s in rng.uniform(0.0, 1.0, size=3):
+        proc = _main(workdir, _RUN, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            # From the first line naming a step (the resume, or the first step logged)
+            # anything may be running: a step, an async save, its commit, the deletion
+            # of an old checkpoint, the final evaluation.
+            _wait_for_line(proc, "step ")
+            time.sleep(delay_s)
+            proc.send_signal(signal.SIGKILL)
+            proc.communicate(timeout=_TIMEOUT_S)
+        finally:
+            proc.kill()
+        assert proc.returncode == -signal.SIGKILL  # Killed while running, not after.
+    returncode, err = _run_main(workdir, _RUN)
+    assert returncode == 0, err[-3000:]
+    reference_dir, reference = uninterrupted
+    state, _ = _final_state(workdir, _config(_RUN))
+    _assert_same_state(state, reference)
+    assert _train_records(workdir) == _train_records(reference_dir)
+
+
+# Fills the "disk" from the second checkpoint on: files may grow to 20 kB, less than a
+# checkpoint needs (a real full disk fails the same write with ENOSPC instead of EFBIG).
+_DISK_FULL_DRIVER = """
+import resource, signal, sys
+from pvae_jax import checkpointing, runtime, train
+from configs import tiny
+
+save = checkpointing.Checkpointer.save
+
+def save_on_a_full_disk(self, step, *args):
+    if step > 3:
+        self.wait()  # Step 3 is complete; the disk fills after it.
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, resource.RLIM_INFINITY))
+    return save(self, step, *args)
+
+checkpointing.Checkpointer.save = save_on_a_full_disk
+config = tiny.get_config()
+config.update_from_flattened_dict({"num_train_steps": 12, "log_every_steps": 1,
+                                   "checkpoint_every_steps": 3, "num_image_samples": 0})
+runtime.use_cpu_cores_as_devices(2)
+train.train_and_evaluate(config, sys.argv[1])
+"""
+
+
+def test_a_failing_save_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    workdir = str(tmp_path)
+    proc = subprocess.run([sys.executable, "-c", _DISK_FULL_DRIVER, workdir], cwd=_ROOT,
+                          env=_env(), capture_output=True, text=True, timeout=_TIMEOUT_S,
+                          check=False)
+    assert proc.returncode != 0
+    assert "CheckpointError: saving the checkpoint of step 6 in" in proc.stderr
+    assert "File too large" in proc.stderr
+    assert "The last complete checkpoint, step 3, is kept" in proc.stderr
+    # It stopped by the next save (step 9) at the latest instead of training on unsaved.
+    assert _train_records(workdir)[-1]["step"] <= 9
+    config = _config({"num_train_steps": 12})
+    _, step = _final_state(workdir, config)
+    assert step == 3
