@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import math
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -34,7 +35,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from pvae_jax import distributions, viz
-from pvae_jax.models.auxiliary import GRAY_LEVELS, GrayscalePixelCNN, PyramidPixelCNN
+from pvae_jax.models.auxiliary import (
+    GRAY_LEVELS,
+    GrayscalePixelCNN,
+    PixelCNNPlusPlus,
+    PyramidPixelCNN,
+    numpy_init,
+)
 
 
 def _check(num_samples, temperature, log_scale_shift):
@@ -177,13 +184,35 @@ def sample_pyramid(model, variables, key, num_samples, *, temperature=1.0,
                                  map_sampling=map_sampling, log_scale_shift=log_scale_shift)[-1]
 
 
+@functools.partial(jax.jit, static_argnames=("model", "num_samples", "map_sampling"))
+def _single_scale(model, variables, key, num_samples, temperature, map_sampling, log_scale_shift):
+    H, W = model.image_hw
+    scale = noise_scale(temperature, map_sampling, log_scale_shift)
+    x = _scan_pixels(
+        lambda x: model.apply(variables, x, method="mixture_params"),
+        lambda k, p: draw_mixture(k, p, model.channels, model.num_mixtures, model.num_levels,
+                                  scale),
+        jnp.zeros((num_samples, H, W, model.channels), jnp.int32), jax.random.fold_in(key, 0))
+    return x.astype(jnp.uint8)
+
+
+def sample_pixelcnnpp(model: PixelCNNPlusPlus, variables, key, num_samples, *, temperature=1.0,
+                      map_sampling=False, log_scale_shift=0.0) -> jax.Array:
+    """uint8 ``[N, H, W, C]`` from a single-scale PixelCNN++ (stage 0 of the module
+    docstring's key layout)."""
+    _check(num_samples, temperature, log_scale_shift)
+    return _single_scale(model, variables, key, num_samples, jnp.float32(temperature),
+                         map_sampling, jnp.float32(log_scale_shift))
+
+
 def sample(model: nn.Module, variables, key, num_samples: int, *, temperature=1.0,
            map_sampling: bool = False, log_scale_shift=0.0) -> jax.Array:
     """uint8 ``[N, H, W, C]`` images from either auxiliary-variable model."""
-    fn = {GrayscalePixelCNN: sample_grayscale, PyramidPixelCNN: sample_pyramid}.get(type(model))
+    fn = {GrayscalePixelCNN: sample_grayscale, PyramidPixelCNN: sample_pyramid,
+          PixelCNNPlusPlus: sample_pixelcnnpp}.get(type(model))
     if fn is None:
-        raise ValueError(f"sampling_auxiliary.sample takes a GrayscalePixelCNN or "
-                         f"PyramidPixelCNN, got {type(model).__name__}")
+        raise ValueError(f"sampling_auxiliary.sample takes a GrayscalePixelCNN, "
+                         f"PyramidPixelCNN or PixelCNNPlusPlus, got {type(model).__name__}")
     return fn(model, variables, key, num_samples, temperature=temperature,
               map_sampling=map_sampling, log_scale_shift=log_scale_shift)
 
@@ -216,3 +245,76 @@ def grayscale_to_levels(x_hat) -> np.ndarray:
     """A 16-level x^ as 256-level intensities (bin centres), for grids beside x."""
     step = 256 // GRAY_LEVELS
     return np.asarray(x_hat).astype(np.int32) * step + step // 2
+
+
+def _num_params(variables) -> int:
+    return int(sum(np.prod(a.shape) for a in jax.tree.leaves(variables)))
+
+
+def _timed_sampler(fn, model, num_samples, seed):
+    """(seconds of a compiled call, seconds of the first call incl. compile)."""
+    variables = numpy_init(model, jnp.zeros((1, *model.image_hw, model.channels), jnp.uint8),
+                           seed)
+    start = time.perf_counter()
+    jax.block_until_ready(fn(model, variables, jax.random.key(0), num_samples))
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    jax.block_until_ready(fn(model, variables, jax.random.key(1), num_samples))
+    return time.perf_counter() - start, first, _num_params(variables)
+
+
+def sampling_speed(image_size: int = 32, num_samples: int = 4, num_scales: int = 3,
+                   features: int = 32, single_num_resnet: int | None = None) -> dict:
+    """Seconds to sample with a Pyramid PixelCNN and a single-scale PixelCNN++.
+
+    The pyramid: a 2-stage PixelCNN++ of 2 resnets at the coarsest scale, then per
+    finer scale a light one-stage PixelCNN++ of 1 resnet per pass and a 4-block
+    embedding (down after 1, up after 2 and 4). The single-scale PixelCNN++ has 3
+    stages and ``single_num_resnet`` resnets per stage, by default the smallest count
+    whose parameters reach the pyramid's (a similar likelihood budget). Both use the
+    reference sampler (one network pass per pixel), parameters drawn by
+    ``numpy_init`` (timing does not depend on their values), compiled first.
+
+    Args:
+      image_size: side of the images generated.
+      num_samples: images per call.
+      num_scales: pyramid scales.
+      features: channels of every network.
+      single_num_resnet: resnets per stage of the single-scale model (None: matched).
+
+    Returns:
+      A JSON-able dict: seconds per call and per pixel of each model, the speed-up,
+      compile-inclusive first-call seconds and parameter counts.
+    """
+    hw = (image_size, image_size)
+    pyramid = PyramidPixelCNN(
+        image_hw=hw, num_scales=num_scales, features=features, base_num_resnet=2,
+        base_num_stages=2, scale_num_resnet=1, embed_num_blocks=4, embed_down_after=(1,),
+        embed_up_after=(2, 4), dropout_rate=0.0, num_mixtures=10)
+    pyr_seconds, pyr_first, pyr_params = _timed_sampler(sample_pyramid, pyramid, num_samples, 0)
+
+    def single(num_resnet):
+        return PixelCNNPlusPlus(image_hw=hw, features=features, num_resnet=num_resnet,
+                                num_stages=3, dropout_rate=0.0, num_mixtures=10)
+
+    if single_num_resnet is None:
+        single_num_resnet = 1
+        example = jnp.zeros((1, *hw, 3), jnp.uint8)
+        while _num_params(jax.eval_shape(single(single_num_resnet).init, jax.random.key(0),
+                                         example)) < pyr_params:
+            single_num_resnet += 1
+    one_seconds, one_first, one_params = _timed_sampler(
+        sample_pixelcnnpp, single(single_num_resnet), num_samples, 0)
+    pixels = image_size * image_size
+    return {
+        "image_size": image_size, "num_samples": num_samples, "num_scales": num_scales,
+        "features": features, "device": str(jax.devices()[0].platform),
+        "pyramid_seconds": pyr_seconds, "pyramid_first_call_seconds": pyr_first,
+        "pyramid_params": pyr_params,
+        "pyramid_ms_per_pixel": 1e3 * pyr_seconds / pixels,
+        "single_scale_num_resnet": single_num_resnet,
+        "single_scale_seconds": one_seconds, "single_scale_first_call_seconds": one_first,
+        "single_scale_params": one_params,
+        "single_scale_ms_per_pixel": 1e3 * one_seconds / pixels,
+        "speedup": one_seconds / pyr_seconds,
+    }

@@ -108,5 +108,5 @@ def test_bad_arguments_raise():
         sa.sample_grayscale(model, variables, KEY, 2, temperature=-1.0)
     with pytest.raises(ValueError, match="grayscale must have shape"):
         sa.sample_grayscale(model, variables, KEY, 2, grayscale=np.zeros((2, 4, 4, 3)))
-    with pytest.raises(ValueError, match="GrayscalePixelCNN or PyramidPixelCNN"):
+    with pytest.raises(ValueError, match="PyramidPixelCNN or PixelCNNPlusPlus"):
         sa.sample(object(), variables, KEY, 2)

@@ -315,6 +315,48 @@ class PyramidPixelCNN(nn.Module):
         return self.scale_log_prob(k, x_BxHxWxC, self.embed(k, x_lower, train), train)
 
 
+class PixelCNNPlusPlus(nn.Module):
+    """A plain single-scale PixelCNN++ p(x): the baseline the pyramid is compared with.
+
+    Attributes:
+      image_hw, channels, num_levels: the images.
+      features, num_resnet, num_stages, dropout_rate, num_mixtures: as in PixelCNN++.
+    """
+
+    image_hw: tuple[int, int]
+    channels: int = 3
+    num_levels: int = 256
+    features: int = 160
+    num_resnet: int = 5
+    num_stages: int = 3
+    dropout_rate: float = 0.5
+    num_mixtures: int = 10
+
+    def setup(self):
+        num_params = distributions.num_mixture_params(self.channels, self.num_mixtures)
+        self.net = pp.PixelCNNPP(self.features, self.num_resnet, num_params, self.num_stages,
+                                 self.dropout_rate)
+
+    def __call__(self, x_BxHxWxC, train: bool = False, kl_weight=1.0):
+        del kl_weight  # No latents.
+        nll = _nll(self.conditional_log_prob(x_BxHxWxC, None, train))
+        return {"loss": nll, "recon": nll, "kl": jnp.zeros_like(nll)}
+
+    def mixture_params(self, x_BxHxWxC, train: bool = False):
+        """Mixture parameters ``[B, H, W, P]`` of p(x_ij | earlier pixels)."""
+        return self.net(scale_levels(x_BxHxWxC, self.num_levels), None, train)
+
+    def conditional_log_prob(self, x_BxHxWxC, latents=None, train: bool = False):
+        """log p(x_d | x_<d) per sub-pixel, ``[B, H, W, C]``."""
+        del latents
+        return mixture_log_prob(self.mixture_params(x_BxHxWxC, train), x_BxHxWxC,
+                                self.num_mixtures, self.num_levels)
+
+    def posterior_sample(self, x_BxHxWxC):
+        del x_BxHxWxC
+        return None
+
+
 def numpy_init(model: nn.Module, x_BxHxWxC, seed: int = 0) -> dict:
     """Variables drawn on the host: kernels N(0, 1/fan_in), biases 0.
 
@@ -334,7 +376,8 @@ def numpy_init(model: nn.Module, x_BxHxWxC, seed: int = 0) -> dict:
     return jax.tree.map(draw, shapes)
 
 
-AUXILIARY_MODELS = {"grayscale_pixelcnn": GrayscalePixelCNN, "pyramid_pixelcnn": PyramidPixelCNN}
+AUXILIARY_MODELS = {"grayscale_pixelcnn": GrayscalePixelCNN, "pyramid_pixelcnn": PyramidPixelCNN,
+                    "pixelcnn_pp": PixelCNNPlusPlus}
 
 
 def build(model_config, data_shape, num_levels: int = 256) -> nn.Module:
@@ -367,4 +410,7 @@ def build(model_config, data_shape, num_levels: int = 256) -> nn.Module:
         if num_levels < 2:
             raise ValueError(f"num_levels must be >= 2, got {num_levels}")
         return model
+    if cfg.name == "pixelcnn_pp":
+        pp._check_sizes((H, W), cfg.num_stages)
+        return PixelCNNPlusPlus(num_resnet=cfg.num_resnet, num_stages=cfg.num_stages, **common)
     raise ValueError(f"model.name must be one of {tuple(AUXILIARY_MODELS)}, got {cfg.name!r}")
