@@ -161,3 +161,32 @@ def test_workdir_of_another_model_is_left_untouched(tmp_path):
         snapshot
     assert open(os.path.join(workdir, "metrics.jsonl")).read() == metrics
     assert json.load(open(os.path.join(workdir, "run.json")))["model"]["name"] == "gated_noup"
+
+
+def test_unreadable_latest_checkpoint_resumes_from_the_one_before(tmp_path, caplog):
+    config = _config()
+    workdir = str(tmp_path)
+    train.train_and_evaluate(config, workdir)
+    uninterrupted = _final_params(workdir)
+    # A checkpoint cut short (a disk filling up under it, a copy interrupted).
+    state_dir = os.path.join(workdir, "checkpoints", "6", "state")
+    files = [os.path.join(r, n) for r, _, names in os.walk(state_dir) for n in names]
+    largest = max(files, key=os.path.getsize)
+    with open(largest, "r+b") as f:
+        f.truncate(os.path.getsize(largest) // 2)
+    with open(largest, "rb") as f:
+        evidence = f.read()
+
+    final = train.train_and_evaluate(config, workdir)
+    assert "checkpoint of step 6" in caplog.text and "cannot be restored" in caplog.text
+    # The bad checkpoint is kept for inspection, out of the way of the new step 6.
+    kept = os.path.join(workdir, "checkpoints_unreadable", "6", "state",
+                        os.path.relpath(largest, state_dir))
+    with open(kept, "rb") as f:
+        assert f.read() == evidence
+    resumed = _final_params(workdir)
+    for key in ("params", "opt_state", "ema_params", "rng", "step"):
+        jax.tree.map(np.testing.assert_array_equal, uninterrupted[key], resumed[key])
+    evals = [r for r in read_metrics(workdir) if r["split"] == "eval"]
+    assert [r["step"] for r in evals] == [6]  # The lost run's final eval was redone once.
+    assert final["eval/nll_bound"] == evals[0]["eval/nll_bound"]
