@@ -110,3 +110,17 @@ def test_bad_arguments_raise():
         sa.sample_grayscale(model, variables, KEY, 2, grayscale=np.zeros((2, 4, 4, 3)))
     with pytest.raises(ValueError, match="PyramidPixelCNN or PixelCNNPlusPlus"):
         sa.sample(object(), variables, KEY, 2)
+
+
+def test_fast_pyramid_sampler_draws_the_reference_images():
+    """The finer scale (16 rows) is taller than the fast sampler's window (11 rows)."""
+    model = aux.PyramidPixelCNN(
+        image_hw=(16, 4), num_scales=2, features=4, base_num_resnet=1, base_num_stages=1,
+        scale_num_resnet=1, embed_num_blocks=1, embed_down_after=(), embed_up_after=(1,),
+        dropout_rate=0.0, num_mixtures=2)
+    assert sa.receptive_rows(1) + 1 < 16
+    variables = aux.numpy_init(model, jnp.zeros((1, 16, 4, 3), jnp.uint8), seed=3)
+    reference = sa.sample_pyramid_scales(model, variables, KEY, 2)
+    fast = sa.sample_pyramid_scales(model, variables, KEY, 2, method="fast")
+    for a, b in zip(reference, fast, strict=True):
+        np.testing.assert_array_equal(a, b)
