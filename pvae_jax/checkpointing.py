@@ -2,9 +2,20 @@
 
 One checkpoint holds two items: ``state`` (the train state pytree: params, optimiser,
 EMA, step, rng) and ``data`` (the grain iterator's position, one small JSON file per
-process). Saves are asynchronous and atomic: orbax writes into a temporary directory
-and renames it when complete, so a run killed mid-save never leaves a checkpoint that
-looks finished. ``wait()`` before exiting.
+process). Every process takes part in a save. Saves are asynchronous and atomic: orbax
+writes into a temporary directory and renames it when complete, so a run killed
+mid-save never leaves a checkpoint that looks finished (the temporary directory is
+removed on the next start). ``wait()`` before exiting.
+
+What goes wrong, and what happens:
+
+- A save fails (disk full, quota, permissions): the next ``save``/``check``/``wait``
+  raises ``CheckpointError`` naming the failed step and the last complete one, which
+  orbax has not deleted (old checkpoints go only after a new one is complete).
+- The newest checkpoint cannot be read (truncated, corrupt): restore logs its step and
+  the reason and falls back to the one before. Training moves it to
+  ``<directory>_unreadable/<step>`` (it is evidence, and its step will be saved again).
+  If none can be read, nothing is moved and ``CheckpointError`` says why for each.
 
 ``run.json`` in the workdir records what the checkpoints are of (model config and
 data shape); a restart with a different model in the same workdir stops with a
@@ -13,6 +24,7 @@ message instead of mixing runs.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 from typing import Any
@@ -156,9 +168,13 @@ class Checkpointer:
         for step in reversed(self.all_steps()):
             try:
                 items = {"state": ocp.args.StandardRestore(abstract_state)}
-                if data_iterator is not None:
+                same_processes = data_iterator is not None and os.path.exists(
+                    self._data_file(step, jax.process_index(), jax.process_count()))
+                if same_processes:
                     items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
                 restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+                if data_iterator is not None and not same_processes:
+                    self._restore_data_of_other_process_count(step, data_iterator)
             except Exception as e:  # noqa: BLE001 - any failure means "try the previous one"
                 logging.error("the checkpoint of step %d in %s cannot be restored (%s); "
                               "falling back to the one before it", step, self.directory,
@@ -178,6 +194,28 @@ class Checkpointer:
         if restored is not None:
             self._complete = restored[1]
         return restored
+
+    def _data_file(self, step: int, index: int | str, count: int | str) -> str:
+        # grain's own name for a process's iterator state in a checkpoint.
+        return os.path.join(self.directory, str(step), "data",
+                            f"process_{index}-of-{count}.json")
+
+    def _restore_data_of_other_process_count(self, step: int, data_iterator: Any) -> None:
+        """Resumes the data of a checkpoint written by another number of processes.
+
+        Every process iterates the same global batch stream and reads its own slice,
+        so all processes save the same position, and any process may resume from
+        process 0's (with the same global batch size and worker count).
+        """
+        written = glob.glob(self._data_file(step, 0, "*"))
+        if not written:
+            raise FileNotFoundError(f"no data position (process_0-of-N.json) in {self.directory}/"
+                                    f"{step}/data")
+        with open(written[0]) as f:
+            data_iterator.set_state(json.load(f))
+        logging.warning("the checkpoint of step %d was written by another number of "
+                        "processes (%s); this run has %d and resumes the same global batch "
+                        "stream", step, os.path.basename(written[0]), jax.process_count())
 
     def _set_aside(self, steps: list[int]) -> None:
         if jax.process_index() == 0:

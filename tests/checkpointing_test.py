@@ -121,3 +121,20 @@ def test_run_file_is_written_once_and_guards_the_workdir(tmp_path):
     with pytest.raises(ValueError, match="differs in model"):
         checkpointing.check_run_file(str(tmp_path), other)
     assert json.loads((tmp_path / checkpointing.RUN_FILE).read_text()) == on_disk
+
+
+def test_data_position_of_another_process_count_is_resumed(tmp_path):
+    # Every process saves the same position of the shared global stream; a run on
+    # another number of processes resumes from process 0's.
+    _save_steps(str(tmp_path), [4])
+    data_dir = tmp_path / "4" / "data"
+    position = (data_dir / "process_0-of-1.json").read_text()
+    (data_dir / "process_0-of-1.json").unlink()
+    for p in range(4):
+        (data_dir / f"process_{p}-of-4.json").write_text(position)
+    ckpt = checkpointing.Checkpointer(str(tmp_path), keep=5)
+    it = _iterator()
+    state, step = ckpt.restore(_state(0), it)
+    assert step == 4 and int(state["step"]) == 4
+    assert next(it) == 4
+    ckpt.close()
