@@ -41,6 +41,34 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.num_head_layers = 2
     # Weight normalisation of the masked convolutions.
     config.model.weight_norm = True
+    # Gated layers per residual block after the first layer (E.1: 1; E.2: 2).
+    config.model.num_convs_per_block = 1
+    # 0: the PixelCNN reads pixels scaled to [-1, 1]; E > 0: a learned E-dim
+    # embedding of each sub-pixel value (E.2: 48).
+    config.model.pixel_embed_features = 0
+    # Channels the data must have (None: whatever the dataset has); a mismatch stops
+    # the run before anything compiles.
+    config.model.image_channels = ml_collections.config_dict.placeholder(int)
+
+    # Hierarchical PixelVAE only (model.name='hierarchical', appendix E.2; see
+    # configs/imagenet64.py). Lists run bottom level first, one entry per latent level.
+    # Residual blocks are written as widths, 'd' halving and 'u' doubling the size:
+    # encoder_blocks[i] maps h_{i} to h_{i+1}; decoder_blocks[i] maps z_{i+1} back to
+    # the size encoder_blocks[i] started from.
+    config.model.embed_features = 48
+    config.model.stem_features = 192
+    config.model.encoder_blocks = ("192 256d 256 512d 512 512 512",
+                                   "512 512 512d 512 512 512d 512 512")
+    config.model.decoder_blocks = ("512 512 512 256u 256 192u 192",
+                                   "512 512 512u 512 512 512u 512 512")
+    # Channels of each map level's z; the top level's z is a vector of this size.
+    config.model.latent_channels = (64, 512)
+    # The gated PixelCNN priors p(z_i | z_{i+1}): width and residual blocks after
+    # their first (5x5) layer.
+    config.model.latent_pixel_features = 512
+    config.model.latent_pixel_blocks = 3
+    # 'batch' (E.2), 'weight' or 'none', for the residual blocks.
+    config.model.norm = "batch"
 
     # Global batch; it must divide by the number of devices.
     config.batch_size = 100

@@ -4,10 +4,13 @@
       --num_samples=64 --temperature=1.0 --vary=none --output=samples.png
 
 --vary picks what changes across the grid (PixelVAE paper, Fig. 6):
-  none   independent samples: latents and pixel noise both vary;
-  top    the latents vary, every image gets the same pixel noise;
-  pixel  one latent draw for the whole grid, only the pixel noise varies.
-'top' and 'pixel' need a model with latents.
+  none    independent samples: every level and the pixel noise vary;
+  top     only the top level's latents vary; the noise of the levels below and of
+          the pixels is the same for every image;
+  middle  the top level is held and the level below it varies, with the same pixel
+          noise (hierarchical models);
+  pixel   one draw of every latent level for the whole grid, only the pixel noise varies.
+'top' and 'pixel' need a model with latents, 'middle' a hierarchical one.
 """
 
 import jax

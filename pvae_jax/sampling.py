@@ -12,6 +12,11 @@ at that sub-pixel. A sampler that computes ``logits_d`` another way (an activati
 cache, one pass for a factorised decoder) and keeps this rule reproduces the
 reference images exactly.
 
+A hierarchical model's latents are drawn top down (``_hierarchical_latents``): the
+top level from N(0, I), each map level one position at a time from its PixelCNN
+prior, by the same activation-cache machinery as the pixels under ``'fast'`` and by
+full prior passes under ``'reference'``, with the same keys.
+
 ``method='fast'`` is such a sampler. Inside ``lax.scan`` it keeps, for every masked
 layer, a cache of its activations over the image (zeros outside it, as the 'SAME'
 padding of the full-image convolutions), and at each step evaluates every layer at the
@@ -36,8 +41,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from pvae_jax import distributions
 from pvae_jax.models.conv_vae import scale_pixels
+from pvae_jax.models.hierarchical import HierarchicalPixelVAE, LatentPixelCNN
 from pvae_jax.models.pixelcnn import logits_per_sub_pixel, pixel_sample
+from pvae_jax.models.pixelvae import PixelVAE
 from pvae_jax.nn import pixelcnn as pc
 
 METHODS = ("fast", "reference")
@@ -74,8 +82,10 @@ def sample(
       fixed: optional dict of values to hold constant instead of drawing them
         (paper Fig. 6). ``'latents'``: the latents to decode, with exactly the
         structure and shapes the prior would draw (``[N, latent_dim]`` for a PixelVAE;
-        repeat one z N times to see only pixel-level variation). They are not scaled
-        by ``temperature``. The pixel draws use the same keys whether or not the
+        repeat one z N times to see only pixel-level variation). For a hierarchical
+        model, a tuple (z_1, ..., z_L) in which the lower levels may be None: those
+        are drawn given the held ones above (``sample_latents`` shows which). They are
+        not scaled by ``temperature``. The pixel draws use the same keys whether or not the
         latents are fixed, so fixing them to the prior's own draw changes nothing.
         Paper Fig. 6's "vary the pixel noise only" is therefore fixed latents with
         different keys; "vary the latents only" is different latents with one key.
@@ -130,7 +140,8 @@ def _sample_reference(model, variables, key, fixed_latents, temperature, *, num_
     data_shape = H, W, C = image_shape(model)
     num_levels = model.num_levels
     latent_key, pixel_key = jax.random.split(key)
-    latents = _latents(model, variables, latent_key, fixed_latents, temperature, num_samples)
+    latents = _latents(model, variables, latent_key, fixed_latents, temperature, num_samples,
+                       "reference")
 
     def logits_fn(x_NxHxWxC):
         return model.apply(variables, x_NxHxWxC, latents, method="logits")
@@ -159,8 +170,11 @@ def _sample_reference(model, variables, key, fixed_latents, temperature, *, num_
     return x_NxHxWxC
 
 
-def _latents(model, variables, key, fixed_latents, temperature, num_samples):
+def _latents(model, variables, key, fixed_latents, temperature, num_samples, method):
     """The prior's draw, or ``fixed_latents`` after checking they could have been it."""
+    if isinstance(model, HierarchicalPixelVAE):
+        return _hierarchical_latents(model, variables, key, fixed_latents, temperature,
+                                     num_samples, method)
 
     def prior(key):
         return model.apply(variables, num_samples, temperature, method="prior_sample",
@@ -183,6 +197,38 @@ def _latents(model, variables, key, fixed_latents, temperature, num_samples):
             f"reuse one z for every sample, repeat it: jnp.repeat(z[None], {num_samples}, "
             f"axis=0)")
     return jax.tree.map(lambda a, s: jnp.asarray(a, s.dtype), fixed_latents, expected)
+
+
+def _hierarchical_latents(model, variables, key, fixed_latents, temperature, num_samples,
+                          method):
+    """(z_1, ..., z_L): the fixed levels as given, the others drawn top down given the
+    levels above, level i with the i-th key of ``split(key, L)``."""
+    L = model.num_latent_levels
+    shapes = [(num_samples, *s) for s in model.latent_shapes()]
+    fixed = (None,) * L if fixed_latents is None else tuple(fixed_latents)
+    given = [z is not None for z in fixed]
+    if len(fixed) != L or any(g and not all(given[i:]) for i, g in enumerate(given)):
+        raise ValueError(
+            f"fixed['latents'] of a {L}-level model must be a tuple of {L} entries, bottom "
+            "first, each an array or None (drawn); a level can be held only with every level "
+            f"above it held too, got {[None if z is None else 'array' for z in fixed]}")
+    for level, (z, shape) in enumerate(zip(fixed, shapes, strict=True)):
+        if z is not None and tuple(jnp.shape(z)) != shape:
+            raise ValueError(f"fixed['latents'][{level}] must have shape {shape} for "
+                             f"num_samples={num_samples}, got {tuple(jnp.shape(z))}")
+    keys = jax.random.split(key, L)
+    z = [None if a is None else jnp.asarray(a, jnp.float32) for a in fixed]
+    if z[-1] is None:
+        z[-1] = model.apply(variables, keys[-1], num_samples, temperature, method="sample_top")
+    for level in reversed(range(L - 1)):
+        if z[level] is None:
+            if method == "fast":
+                z[level] = _latent_level_fast(model, variables, level, z[level + 1], keys[level],
+                                              temperature)
+            else:
+                z[level] = model.apply(variables, level, z[level + 1], keys[level], temperature,
+                                       method="sample_map_level")
+    return tuple(z)
 
 
 _CONV_DIMS = ("NHWC", "HWIO", "NHWC")
@@ -279,31 +325,51 @@ def _set_row(cache_NxHxWxC, row_NxWxC, i, pad):
     return jax.lax.dynamic_update_slice(cache_NxHxWxC, row_NxWxC[:, None], (0, i + pad, pad, 0))
 
 
-@functools.partial(jax.jit, static_argnames=("model", "num_samples"))
-def _sample_fast(model, variables, key, fixed_latents, temperature, *, num_samples):
-    """The activation-cache sampler: the reference's images, work per step bounded by
-    the receptive field. Mirrors ``PixelDecoder``'s layers; tests hold it to the
-    reference bit for bit."""
-    N, (H, W, C) = num_samples, image_shape(model)
-    dec = model.decoder
-    num_levels, K, F = model.num_levels, logits_per_sub_pixel(model.num_levels), dec.features
-    latent_key, pixel_key = jax.random.split(key)
-    latents = _latents(model, variables, latent_key, fixed_latents, temperature, num_samples)
-    cond_vector, cond_map = model.apply(variables, latents, method="decoder_conditioning")
-    params = variables["params"]["decoder"]
-    trunk = params["trunk"]
-    P = max(dec.first_kernel_size, dec.kernel_size) // 2
-    common = dict(num_groups=C, weight_norm=dec.weight_norm)
-    L = dec.num_layers
-    kernels = [dec.first_kernel_size] + [dec.kernel_size] * (L - 1)
+def _gated_layers(stack_params, *, first_kernel_size, kernel_size, num_blocks, num_convs,
+                  in_channels, features, num_groups, weight_norm, pad, cond):
+    """The layers of a ``GatedPixelCNNStack`` as ``_Conv``s over its params, in order;
+    ``block_end`` marks the last layer of a mask-'B' block, which adds the block's input."""
+    names = [("first", 0, "A", first_kernel_size)] + [
+        (f"block_{b}", i, "B", kernel_size) for b in range(num_blocks) for i in range(num_convs)]
+    common = dict(num_groups=num_groups, weight_norm=weight_norm)
+    layers = []
+    for li, (block, i, mask_type, k) in enumerate(names):
+        p = stack_params[block][f"layer_{i}"]
+        conv = dict(features=features, kernel_size=k, gated=True, **common)
+        cin = in_channels if li == 0 else features
+        layers.append(dict(
+            vertical=_Conv(pc.MaskedConv(stack="vertical", **conv), p["vertical"], cin, pad),
+            horizontal=_Conv(pc.MaskedConv(stack="horizontal", mask_type=mask_type, **conv),
+                             p["horizontal"], cin, pad),
+            h_out=_Conv(pc.MaskedConv(features, 1, "B", **common), p["h_out"], features, pad),
+            v_to_h=p["v_to_h"], cond_v=cond(p.get("cond_v")), cond_h=cond(p.get("cond_h")),
+            block_start=mask_type == "B" and i == 0,
+            block_end=mask_type == "B" and i == num_convs - 1))
+    return layers
 
-    def cond(p):
-        return _Cond(p, cond_vector, cond_map)
 
-    # Arrays built here must have the sharding type of those computed from the
-    # parameters (explicit-mesh, replicated, when they come from a train state), or
-    # dynamic_update_slice refuses to mix them.
-    sharding = jax.typeof(jax.tree.leaves(params)[0]).sharding
+def _relu_layers(stack_params, *, kernels, in_channels, features, num_groups, weight_norm,
+                 pad, cond):
+    """The layers of a ``MaskedReLUStack`` as ``_Conv``s over its params."""
+    common = dict(num_groups=num_groups, weight_norm=weight_norm)
+    return [dict(conv=_Conv(pc.MaskedConv(features, k, "A" if li == 0 else "B", **common),
+                            stack_params[f"conv_{li}"], in_channels if li == 0 else features,
+                            pad),
+                 cond=cond(stack_params.get(f"cond_{li}")))
+            for li, k in enumerate(kernels)]
+
+
+def _autoregress(layers, *, gated, shape, groups, unit_size, in_size, encode, readout,
+                 features, pad, value_dtype, sharding):
+    """Draws ``[N, H, W, groups * unit_size]`` one unit at a time with activation caches.
+
+    A unit is what one draw gives: one sub-pixel of the image (``unit_size`` 1), or all
+    channels of one latent position (one group). ``encode(value_NxU, g)`` gives the
+    ``[N, in_size]`` trunk input of group g; ``readout(h_NxF, i, j, g)`` draws the
+    unit from the top layer's output at (i, j).
+    """
+    N, H, W = shape
+    F, P, L = features, pad, len(layers)
 
     def zeros(shape):
         return jnp.zeros(shape, jnp.float32, out_sharding=sharding)
@@ -311,62 +377,29 @@ def _sample_fast(model, variables, key, fixed_latents, temperature, *, num_sampl
     def cache(channels):
         return zeros((N, H + P, W + 2 * P, channels))
 
-    if dec.gated:
-        layers = []
-        for li, k in enumerate(kernels):
-            p = trunk["first" if li == 0 else f"block_{li - 1}"]["layer_0"]
-            conv = dict(features=F, kernel_size=k, gated=True, **common)
-            cin = C if li == 0 else F
-            layers.append(dict(
-                vertical=_Conv(pc.MaskedConv(stack="vertical", **conv), p["vertical"], cin, P),
-                horizontal=_Conv(pc.MaskedConv(stack="horizontal", mask_type="A" if li == 0
-                                               else "B", **conv), p["horizontal"], cin, P),
-                h_out=_Conv(pc.MaskedConv(F, 1, "B", **common), p["h_out"], F, P),
-                v_to_h=p["v_to_h"], cond_v=cond(p.get("cond_v")),
-                cond_h=cond(p.get("cond_h"))))
-        heads = [(_Conv(pc.MaskedConv(F, 1, "B", gated=True, **common), params[f"head_{i}"]
-                        ["conv"], F, P), cond(params[f"head_{i}"].get("cond")))
-                 for i in range(dec.num_head_layers)]
-    else:
-        layers = [dict(conv=_Conv(pc.MaskedConv(F, k, "A" if li == 0 else "B", **common),
-                                  trunk[f"conv_{li}"], C if li == 0 else F, P),
-                       cond=cond(trunk.get(f"cond_{li}")))
-                  for li, k in enumerate(kernels)]
-        heads = [_Conv(pc.MaskedConv(F, 1, "B", **common), params[f"head_{i}"], F, P)
-                 for i in range(dec.num_head_layers)]
-    out = _Conv(pc.MaskedConv(C * K, 1, "B", **common), params["out"], F, P)
-
     def v_to_h(layer, v_pre_NxWx2F):
         return v_pre_NxWx2F @ layer["v_to_h"]["kernel"] + layer["v_to_h"]["bias"]
 
-    def pixel_logits(state, i, j, c):
-        """Every layer at (i, j) with the image drawn so far; the logits of colour c."""
+    def top_features(state, i, j):
+        """Every layer at (i, j) given the units drawn so far."""
         caches = list(state["h"])
         h_cache = state["xs"]
-        h = None
+        h = block_input = None
         for li, layer in enumerate(layers):
-            if dec.gated:
+            if gated:
+                if layer["block_start"]:
+                    block_input = h
                 h_pre = layer["horizontal"].at(h_cache, i, j)
                 h_pre = h_pre + jax.lax.dynamic_index_in_dim(state["vh"][li], j, 1, False)
                 h_pre = h_pre + layer["cond_h"].at(i, j)
-                h_new = layer["h_out"].pointwise(pc.gate(h_pre))
-                if li > 0:  # The block's skip (the first block, mask 'A', has none).
-                    h_new = h_new + h
+                h = layer["h_out"].pointwise(pc.gate(h_pre))
+                if layer["block_end"]:
+                    h = h + block_input
             else:
-                h_new = jax.nn.relu(layer["conv"].at(h_cache, i, j) + layer["cond"].at(i, j))
-            h = h_new
+                h = jax.nn.relu(layer["conv"].at(h_cache, i, j) + layer["cond"].at(i, j))
             if li < L - 1:
                 caches[li] = h_cache = _set(caches[li], h, i, j, P)
-        for head in heads:
-            if dec.gated:
-                conv, head_cond = head
-                h = pc.gate(conv.pointwise(h) + head_cond.at(i, j))
-            else:
-                h = jax.nn.relu(head.pointwise(h))
-        # Only colour c's block of the output is needed: columns c*K .. (c+1)*K - 1.
-        kernel_c = jax.lax.dynamic_slice_in_dim(out.kernel[0, 0], c * K, K, axis=1)
-        logits = h @ kernel_c + jax.lax.dynamic_slice_in_dim(out.bias, c * K, K)
-        return (logits[:, 0] if num_levels == 2 else logits), caches
+        return h, caches
 
     def vertical_row(state, i):
         """Every layer's vertical stack on the completed row i, for row i + 1."""
@@ -379,26 +412,29 @@ def _sample_fast(model, variables, key, fixed_latents, temperature, *, num_sampl
                 v_caches[li] = v_cache = _set_row(v_caches[li], pc.gate(v_pre), i, P)
         return v_caches, vh
 
-    def step(state, s, i):
-        j, c = s // C, s % C
-        d = (i * W + j) * C + c
-        logits_d, h_caches = pixel_logits(state, i, j, c)
-        value = pixel_sample(jax.random.fold_in(pixel_key, d), logits_d, num_levels,
-                             temperature).astype(jnp.uint8)
-        x = state["x"].at[:, i, j, c].set(value)
-        xs = state["xs"].at[:, i + P, j + P, c].set(scale_pixels(value, num_levels))
-        return {**state, "x": x, "xs": xs, "h": h_caches}, None
+    def step(state, g, i, j):
+        h, caches = top_features(state, i, j)
+        value = readout(h, i, j, g).astype(value_dtype)
+        x = jax.lax.dynamic_update_slice(state["x"], value[:, None, None, :],
+                                         (0, i, j, g * unit_size))
+        xs = jax.lax.dynamic_update_slice(
+            state["xs"], encode(value, g)[:, None, None, :].astype(jnp.float32),
+            (0, i + P, j + P, g * in_size))
+        return {**state, "x": x, "xs": xs, "h": caches}
 
     def row(state, i):
-        state, _ = jax.lax.scan(lambda st, s: step(st, s, i), state, jnp.arange(W * C))
-        if dec.gated:
+        def unit(state, s):
+            return step(state, s % groups, i, s // groups), None
+
+        state, _ = jax.lax.scan(unit, state, jnp.arange(W * groups))
+        if gated:
             v_caches, vh = vertical_row(state, i)
             state = {**state, "v": v_caches, "vh": vh}
         return state, None
 
-    state = {"x": zeros((N, H, W, C)).astype(jnp.uint8), "xs": cache(C),
-             "h": [cache(F) for _ in range(L - 1)]}
-    if dec.gated:
+    state = {"x": zeros((N, H, W, groups * unit_size)).astype(value_dtype),
+             "xs": cache(groups * in_size), "h": [cache(F) for _ in range(L - 1)]}
+    if gated:
         # Row 0 sees shift_down's zeros: v_to_h of a zero row.
         zero_row = zeros((N, W, 2 * F))
         state["v"] = [cache(F) for _ in range(L - 1)]
@@ -407,49 +443,170 @@ def _sample_fast(model, variables, key, fixed_latents, temperature, *, num_sampl
     return state["x"]
 
 
-GRID_VARY = ("none", "top", "pixel")
+def _sharding_of(params):
+    # Arrays built inside the samplers must have the sharding type of those computed
+    # from the parameters (replicated on a mesh when they come from a train state), or
+    # dynamic_update_slice refuses to mix them.
+    return jax.typeof(jax.tree.leaves(params)[0]).sharding
+
+
+@functools.partial(jax.jit, static_argnames=("model", "num_samples"))
+def _sample_fast(model, variables, key, fixed_latents, temperature, *, num_samples):
+    """The activation-cache sampler: the reference's images, work per step bounded by
+    the receptive field. Mirrors ``PixelDecoder``'s layers; tests hold it to the
+    reference bit for bit."""
+    N, (H, W, C) = num_samples, image_shape(model)
+    dec = model.decoder
+    num_levels, K, F = model.num_levels, logits_per_sub_pixel(model.num_levels), dec.features
+    latent_key, pixel_key = jax.random.split(key)
+    latents = _latents(model, variables, latent_key, fixed_latents, temperature, num_samples,
+                       "fast")
+    cond_vector, cond_map = model.apply(variables, latents, method="decoder_conditioning")
+    params = variables["params"]["decoder"]
+    P = max(dec.first_kernel_size, dec.kernel_size) // 2
+    common = dict(num_groups=C, weight_norm=dec.weight_norm)
+    in_size = dec.embed_features or 1
+
+    def cond(p):
+        return _Cond(p, cond_vector, cond_map)
+
+    stack = dict(in_channels=C * in_size, features=F, pad=P, cond=cond, **common)
+    if dec.gated:
+        layers = _gated_layers(params["trunk"], first_kernel_size=dec.first_kernel_size,
+                               kernel_size=dec.kernel_size, num_blocks=dec.num_layers - 1,
+                               num_convs=dec.num_convs, **stack)
+        heads = [(_Conv(pc.MaskedConv(F, 1, "B", gated=True, **common), params[f"head_{i}"]
+                        ["conv"], F, P), cond(params[f"head_{i}"].get("cond")))
+                 for i in range(dec.num_head_layers)]
+    else:
+        kernels = [dec.first_kernel_size] + [dec.kernel_size] * (dec.num_layers - 1)
+        layers = _relu_layers(params["trunk"], kernels=kernels, **stack)
+        heads = [_Conv(pc.MaskedConv(F, 1, "B", **common), params[f"head_{i}"], F, P)
+                 for i in range(dec.num_head_layers)]
+    out = _Conv(pc.MaskedConv(C * K, 1, "B", **common), params["out"], F, P)
+
+    def encode(value_Nx1, c):
+        if dec.embed_features:
+            return params["embed"]["embedding"][value_Nx1[:, 0]]
+        return scale_pixels(value_Nx1, num_levels)
+
+    def readout(h, i, j, c):
+        for head in heads:
+            if dec.gated:
+                conv, head_cond = head
+                h = pc.gate(conv.pointwise(h) + head_cond.at(i, j))
+            else:
+                h = jax.nn.relu(head.pointwise(h))
+        # Only colour c's block of the output is needed: columns c*K .. (c+1)*K - 1.
+        kernel_c = jax.lax.dynamic_slice_in_dim(out.kernel[0, 0], c * K, K, axis=1)
+        logits = h @ kernel_c + jax.lax.dynamic_slice_in_dim(out.bias, c * K, K)
+        d = (i * W + j) * C + c
+        value = pixel_sample(jax.random.fold_in(pixel_key, d),
+                             logits[:, 0] if num_levels == 2 else logits, num_levels,
+                             temperature)
+        return value[:, None]
+
+    return _autoregress(layers, gated=dec.gated, shape=(N, H, W), groups=C, unit_size=1,
+                        in_size=in_size, encode=encode, readout=readout, features=F, pad=P,
+                        value_dtype=jnp.uint8, sharding=_sharding_of(params))
+
+
+def _latent_level_fast(model, variables, level, z_above, key, temperature):
+    """``model.sample_map_level`` with activation caches: the same draws, one latent
+    position at a time, work per position bounded by the prior's receptive field."""
+    prior = LatentPixelCNN(**model.prior_fields(level), parent=None)
+    N = z_above.shape[0]
+    h, w, c = model.latent_shapes()[level]
+    cond_map = model.apply(variables, level + 1, z_above, method="decode_level")
+    params = variables["params"][f"priors_{level}"]
+    P = max(prior.first_kernel_size, prior.kernel_size) // 2
+    layers = _gated_layers(
+        params["trunk"], first_kernel_size=prior.first_kernel_size,
+        kernel_size=prior.kernel_size, num_blocks=prior.num_blocks, num_convs=prior.num_convs,
+        in_channels=c, features=prior.features, num_groups=1, weight_norm=prior.weight_norm,
+        pad=P, cond=lambda p: _Cond(p, None, cond_map))
+    out = params["out"]
+
+    def readout(h_NxF, i, j, g):
+        del g
+        mean, log_std = jnp.split(h_NxF @ out["kernel"] + out["bias"], 2, axis=-1)
+        return distributions.gaussian_sample(jax.random.fold_in(key, i * w + j), mean, log_std,
+                                             temperature)
+
+    return _autoregress(layers, gated=True, shape=(N, h, w), groups=1, unit_size=c, in_size=c,
+                        encode=lambda z, g: z, readout=readout, features=prior.features,
+                        pad=P, value_dtype=jnp.float32, sharding=_sharding_of(params))
+
+
+GRID_VARY = ("none", "top", "middle", "pixel")
 
 
 def check_vary(vary: str) -> None:
     """Raises ValueError unless ``vary`` is one of ``GRID_VARY``."""
-    if vary == "middle":
-        raise ValueError("--vary=middle needs a hierarchical model with a middle level of "
-                         f"latents, which this version does not have; use one of {GRID_VARY}")
     if vary not in GRID_VARY:
         raise ValueError(f"--vary must be one of {GRID_VARY}, got {vary!r}")
+
+
+def sample_latents(model, variables, key, num_samples, *, temperature=1.0, fixed=None,
+                   method="fast"):
+    """The latents ``sample(model, variables, k, ...)`` decodes when ``key`` is the first
+    half of ``jax.random.split(k)``: a pytree, or None for a model without latents.
+    ``fixed`` holds levels as ``sample``'s ``fixed['latents']`` does."""
+    return _latents(model, variables, key, fixed, jnp.asarray(temperature, jnp.float32),
+                    num_samples, method)
+
+
+def _num_latent_levels(model) -> int:
+    if isinstance(model, HierarchicalPixelVAE):
+        return model.num_latent_levels
+    return 1 if isinstance(model, PixelVAE) else 0
 
 
 def sample_grid(model, variables, key, num_samples, *, temperature=1.0, method="fast",
                 vary="none"):
     """``num_samples`` images, ``vary`` choosing what changes across them (paper Fig. 6).
 
-    ``vary``: 'none', independent samples (latents and pixel noise both vary); 'top',
-    the latents vary and every image gets the same pixel noise; 'pixel', one latent
-    draw for the whole grid and only the pixel noise varies. 'top' and 'pixel' need a
-    model with latents.
+    ``vary``: 'none', independent samples; 'top', only the top level's latents vary
+    (the noise of every level below, pixels included, is the same for every image);
+    'middle', the top level is held and the level below it varies, the pixel noise
+    (and that of any lower level) held (hierarchical models); 'pixel', one draw of
+    every latent level for the grid and only the pixel noise varies. 'top' and
+    'pixel' need a model with latents, 'middle' one with two levels or more.
     """
     check_vary(vary)
     if vary == "none":
         return sample(model, variables, key, num_samples, temperature=temperature,
-                               method=method)
-
-    def prior(n, k):
-        return model.apply(variables, n, temperature, method="prior_sample",
-                           rngs={"sample": k})
-
-    if jax.eval_shape(lambda k: prior(1, k), key) is None:
+                      method=method)
+    levels = _num_latent_levels(model)
+    if vary == "middle" and levels < 2:
+        raise ValueError("--vary=middle needs a hierarchical model with a middle level of "
+                         f"latents; {type(model).__name__} has {levels}, use one of "
+                         "none, top, pixel")
+    if levels == 0:
         raise ValueError(f"--vary={vary} needs a model with latents; "
                          f"{type(model).__name__} has none, use --vary=none")
     latent_key, pixel_key = jax.random.split(key)
+    draw = functools.partial(sample_latents, model, variables, temperature=temperature,
+                             method=method)
+
+    def repeat(z):
+        return jax.tree.map(lambda a: jnp.repeat(a, num_samples, axis=0), z)
+
     if vary == "pixel":
-        z = jax.tree.map(lambda a: jnp.repeat(a, num_samples, axis=0), prior(1, latent_key))
-        return sample(model, variables, pixel_key, num_samples,
-                               temperature=temperature, fixed={"latents": z}, method=method)
-    # 'top': one image per latent draw, each with the same key, hence the same pixel noise.
-    z = prior(num_samples, latent_key)
+        return sample(model, variables, pixel_key, num_samples, temperature=temperature,
+                      fixed={"latents": repeat(draw(latent_key, 1))}, method=method)
+    if vary == "top":
+        held = draw(latent_key, num_samples)
+        if levels > 1:  # Only the top is given; the levels below are drawn in `one`.
+            held = (None,) * (levels - 1) + (held[-1],)
+    else:  # 'middle': one top for the grid, the level below drawn per image.
+        top = repeat(draw(latent_key, 1))[-1]
+        z = draw(jax.random.fold_in(latent_key, 1), num_samples,
+                 fixed=(None,) * (levels - 1) + (top,))
+        held = (None,) * (levels - 2) + z[-2:]
 
-    def one(z_1):
+    def one(z_1):  # The same key for every image: the same noise wherever z is not held.
         return sample(model, variables, pixel_key, 1, temperature=temperature,
-                               fixed={"latents": z_1}, method=method)[0]
+                      fixed={"latents": z_1}, method=method)[0]
 
-    return jax.vmap(one)(jax.tree.map(lambda a: a[:, None], z))
+    return jax.vmap(one)(jax.tree.map(lambda a: a[:, None], held))

@@ -24,6 +24,15 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LATENT_MODELS = ("vae", "pixelvae", "gated_pixelvae", "gated_noup")
 
 
+def _hierarchical_config(config, data_shape):
+    """Two tiny levels; z1 at half the image size where it is even (else the same)."""
+    down = "d" if data_shape[0] % 2 == 0 and data_shape[1] % 2 == 0 else ""
+    config.update(embed_features=2, stem_features=4, encoder_blocks=(f"4 4{down}", "4"),
+                  decoder_blocks=(f"4 4{down and 'u'}", "4"), latent_channels=(2, 3),
+                  latent_pixel_features=4, latent_pixel_blocks=1, pixel_embed_features=2,
+                  num_convs_per_block=2)
+
+
 @functools.cache
 def _model(name, data_shape, num_levels, param_scale=1.0):
     """A tiny model and its variables; ``param_scale`` multiplies every parameter, which
@@ -31,6 +40,8 @@ def _model(name, data_shape, num_levels, param_scale=1.0):
     config = default.get_config().model
     config.update(name=name, latent_dim=3, encoder_features=(4, 8), pixel_features=6,
                   num_pixel_layers=2, first_kernel_size=3, kernel_size=3, num_head_layers=1)
+    if name == "hierarchical":
+        _hierarchical_config(config, data_shape)
     model = models.build(config, data_shape, num_levels)
     x = jnp.zeros((1, *data_shape), jnp.uint8)
     variables = _init(model, x)
@@ -233,7 +244,9 @@ def _fast_model(index):
     config.update(name=name, latent_dim=3, encoder_features=(4, 8), pixel_features=6,
                   num_pixel_layers=3, first_kernel_size=5, kernel_size=3,
                   num_head_layers=index % 3, weight_norm=index % 4 < 2)
-    shape = (5, 6, channels)
+    shape = (6, 4, channels)
+    if name == "hierarchical":
+        _hierarchical_config(config, shape)
     model = models.build(config, shape, num_levels)
 
     variables = _init(model, jnp.zeros((1, *shape), jnp.uint8))
@@ -252,6 +265,15 @@ def test_fast_sampler_draws_the_reference_images(index):
     fixed = None
     if isinstance(model, models.PixelVAE):
         fixed = {"latents": jax.random.normal(jax.random.key(9), (n, 3))}
+    if isinstance(model, models.HierarchicalPixelVAE):
+        # The latent prior's draws too: fast and reference give the same z1 (to float
+        # rounding: the sums run in another order) for a given top level.
+        z2 = jax.random.normal(jax.random.key(9), (n, 3))
+        fixed = {"latents": (None, z2)}
+        z = [sampling.sample_latents(model, variables, jax.random.key(2), n, method=m,
+                                     fixed=(None, z2)) for m in ("fast", "reference")]
+        np.testing.assert_allclose(z[0][0], z[1][0], rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(z[0][1], z2)
 
     def both(key, temperature, fixed):
         return [np.asarray(sampling.sample(model, variables, jax.random.key(key), n,
@@ -316,3 +338,29 @@ def test_grid_vary_modes_say_what_they_need():
     greedy = np.asarray(sampling.sample_grid(vae, vae_variables, jax.random.key(0), 3,
                                              temperature=0.0, method="fast", vary="pixel"))
     assert (greedy == greedy[:1]).all()
+
+
+def test_hierarchical_levels_can_be_held_while_the_others_vary():
+    shape, n = (4, 4, 3), 3
+    model, variables = _model("hierarchical", shape, 256, 2.0)
+    key = jax.random.key(6)
+    z2 = jnp.repeat(jax.random.normal(jax.random.key(1), (1, 3)), n, axis=0)
+    z = sampling.sample_latents(model, variables, jax.random.split(key)[0], n,
+                                fixed=(None, z2))
+    np.testing.assert_array_equal(z[1], z2)  # The held level is the same for every image...
+    assert not np.allclose(z[0][0], z[0][1])  # ...the level below is drawn per image.
+    # The documented key relation: holding the top decodes what sample_latents drew.
+    np.testing.assert_array_equal(
+        sampling.sample(model, variables, key, n, fixed={"latents": (None, z2)}),
+        sampling.sample(model, variables, key, n, fixed={"latents": z}))
+    with pytest.raises(ValueError, match="every level above it held too"):
+        sampling.sample(model, variables, key, n, fixed={"latents": (z[0], None)})
+    with pytest.raises(ValueError, match=r"fixed\['latents'\]\[1\] must have shape \(3, 3\)"):
+        sampling.sample(model, variables, key, n, fixed={"latents": (None, z2[:1])})
+    grid = functools.partial(sampling.sample_grid, model, variables, key, n)
+    # 'pixel' at temperature 0: one draw of every level and no pixel noise, one image.
+    greedy = np.asarray(grid(temperature=0.0, vary="pixel"))
+    assert (greedy == greedy[:1]).all()
+    for vary in ("top", "middle"):
+        images = np.asarray(grid(vary=vary))
+        assert images.shape == (n, *shape) and (images != images[:1]).any(), vary
