@@ -175,6 +175,17 @@ def _options(data_config: ml_collections.ConfigDict) -> _Options:
     )
 
 
+def image_format(data_config: ml_collections.ConfigDict) -> tuple[tuple[int, int, int], int]:
+    """((H, W, C), num_levels) of the images ``data_config`` yields, from the config
+    alone (no data files are opened or prepared).
+
+    Raises:
+      ValueError: unknown dataset name, binarisation mode or bad field value.
+    """
+    opts = _options(data_config)
+    return opts.image_shape, opts.num_levels
+
+
 def dataset_info(data_config: ml_collections.ConfigDict) -> DatasetInfo:
     """Returns shape, number of levels and split sizes; prepares local builders if needed.
 
