@@ -233,6 +233,17 @@ def test_two_processes_train_like_one_process_on_two_devices(tmp_path):
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints", "2", "data"))) == [
         "commit_success.txt", "process_0-of-2.json", "process_1-of-2.json"]
 
+    # Both continue in this one process: the two-process checkpoint resumes here (state
+    # resharded, data position of the shared stream) and stays equal to the other.
+    longer = _config({**overrides, "num_train_steps": 4})
+    train.train_and_evaluate(longer, workdir)
+    train.train_and_evaluate(longer, reference)
+    (two, two_step), (one, one_step) = _final_state(workdir, longer), \
+        _final_state(reference, longer)
+    assert two_step == one_step == 4
+    _assert_same_state(two, one)
+    assert _train_records(workdir) == _train_records(reference)
+
 
 def test_sigterm_saves_the_step_reached_and_the_resumed_run_is_identical(tmp_path,
                                                                          uninterrupted):
