@@ -39,8 +39,7 @@ def _run():
     try:
         return train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except distributed.Preempted as e:
-        logging.warning("%s", e)
-        print(e, file=sys.stderr)
+        logging.warning("%s", e)  # Not an error: exit status 0, and a rerun resumes.
         return None
     except checkpointing.CheckpointError as e:
         logging.error("%s", e)
