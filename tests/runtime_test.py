@@ -1,10 +1,16 @@
 """Tests of the launcher body: user errors become one line, bugs keep their traceback."""
 
 import logging
+import os
+import platform
+import subprocess
+import sys
 
 import pytest
 
 from pvae_jax import runtime
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _record(pathname, level):
@@ -35,3 +41,56 @@ def test_library_info_logs_are_dropped_but_warnings_kept():
     assert not quiet.filter(_record("/site-packages/orbax/checkpoint/x.py", logging.INFO))
     assert quiet.filter(_record("/site-packages/orbax/checkpoint/x.py", logging.WARNING))
     assert quiet.filter(_record("/work/pvae_jax/train.py", logging.INFO))
+
+
+_GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+
+
+@pytest.mark.skipif(not _GLIBC, reason="the malloc settings are for glibc on Linux")
+def test_malloc_tuning_applies_once_and_respects_the_user(tmp_path):
+    script = tmp_path / "launcher.py"
+    script.write_text("")
+    env = runtime.malloc_tuning_env({"HOME": "/h"}, str(script))
+    assert env is not None and env["HOME"] == "/h"
+    assert {k: env[k] for k in runtime.MALLOC_ENV} == runtime.MALLOC_ENV
+    # The re-executed process must not restart again.
+    assert runtime.malloc_tuning_env(env, str(script)) is None
+    assert runtime.malloc_tuning_env({runtime.MALLOC_TUNING_VAR: "0"}, str(script)) is None
+    assert runtime.malloc_tuning_env({"MALLOC_ARENA_MAX": "4"}, str(script)) is None
+    for not_a_script in ("", "-c", "-", str(tmp_path / "missing.py")):
+        assert runtime.malloc_tuning_env({}, not_a_script) is None
+
+
+_PROBE = """
+import os, sys
+from pvae_jax import runtime
+print("start", flush=True)
+runtime.reexec_with_malloc_tuning()
+print(sys.argv[1:], sorted((k, v) for k, v in os.environ.items() if k.startswith("MALLOC_")))
+"""
+
+
+def _run_probe(tmp_path, **env_vars):
+    script = tmp_path / "probe.py"
+    script.write_text(_PROBE)
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("MALLOC_") and k != runtime.MALLOC_TUNING_VAR}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [_ROOT, env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, str(script), "--flag=1", "arg"],
+                          env={**env, **env_vars}, capture_output=True, text=True,
+                          timeout=120, check=True)
+    return proc.stdout.splitlines()
+
+
+@pytest.mark.skipif(not _GLIBC, reason="the malloc settings are for glibc on Linux")
+def test_reexec_restarts_the_script_with_its_arguments_and_the_settings(tmp_path):
+    lines = _run_probe(tmp_path)
+    # Started twice (before and after the re-exec), with the same arguments.
+    assert lines[:2] == ["start", "start"]
+    want = sorted(runtime.MALLOC_ENV.items())
+    assert lines[2] == f"['--flag=1', 'arg'] {want}"
+
+
+def test_reexec_opt_out_keeps_the_process(tmp_path):
+    lines = _run_probe(tmp_path, **{runtime.MALLOC_TUNING_VAR: "0"})
+    assert lines == ["start", "['--flag=1', 'arg'] []"]
