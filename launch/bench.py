@@ -1,15 +1,20 @@
-"""Measures one configuration's compile time, train/eval throughput and memory as JSON.
+"""Measures one configuration's compile time, speed, memory or FLOPs as JSON.
 
-  python launch/bench.py --config=configs/mnist.py:gated_noup --output=bench.json
-  python launch/bench.py --config=configs/mnist.py:gated_noup,offline \
-      --output=/tmp/bench.json --num_steps=20 --config.batch_size=50
-
+  python launch/bench.py --config=configs/mnist.py:gated_noup,offline --train \
+      --output=/tmp/bench.json --num_steps=50
   python launch/bench.py --config=configs/mnist.py:gated_noup,offline --sampling \
       --output=/tmp/sampling.json --num_samples=64
+  python launch/bench.py --config=configs/imagenet64.py --flops --output=/tmp/flops.json
 
-Writes --output atomically and prints the same JSON. Keys: see bench.run_benchmark,
-or with --sampling bench.run_sampling_benchmark (fast vs reference sampler vs one
-forward pass).
+--train (the default mode) times train and eval steps on real data: see
+bench.run_benchmark for the keys. --sampling times the fast and reference samplers and
+one forward pass (bench.run_sampling_benchmark). --flops reports the forward FLOPs per
+image from XLA's cost analysis of the compiled forward, without data or training
+(bench.run_flops). Writes --output atomically and prints the same JSON.
+
+On Linux with glibc the script restarts itself once with tuned malloc settings
+(runtime.MALLOC_ENV, faster XLA:CPU steps); PVAE_JAX_MALLOC_TUNING=0, or any MALLOC_*
+variable of your own, keeps the allocator's defaults.
 """
 
 import json
@@ -27,8 +32,14 @@ _WARMUP_STEPS = flags.DEFINE_integer(
     "warmup_steps", 5, "Untimed train steps after the compiling one.")
 _NUM_EVAL_BATCHES = flags.DEFINE_integer(
     "num_eval_batches", 5, "Timed eval batches after the compiling one.")
+_TRAIN = flags.DEFINE_bool(
+    "train", False, "Time training and evaluation (the default when no mode is given).")
 _SAMPLING = flags.DEFINE_bool(
     "sampling", False, "Time the samplers instead of training and evaluation.")
+_FLOPS = flags.DEFINE_bool(
+    "flops", False, "Report forward FLOPs per image from XLA's cost analysis only.")
+_FLOPS_BATCH = flags.DEFINE_integer(
+    "flops_batch_size", 8, "Batch of the forward compiled for --flops.")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 64, "Images per sampler call.")
 _REFERENCE_SAMPLES = flags.DEFINE_integer(
     "reference_samples", None, "Time the reference sampler on fewer images and scale.")
@@ -40,9 +51,16 @@ flags.mark_flags_as_required(["config", "output"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    modes = [m for m, on in (("--train", _TRAIN.value), ("--sampling", _SAMPLING.value),
+                             ("--flops", _FLOPS.value)) if on]
+    if len(modes) > 1:
+        raise app.UsageError(f"pick one of --train, --sampling, --flops; got {modes}")
     name = config_flags.get_config_filename(flags.FLAGS["config"])
 
     def run():
+        if _FLOPS.value:
+            return bench.run_flops(_CONFIG.value, batch_size=_FLOPS_BATCH.value,
+                                   config_name=name)
         if _SAMPLING.value:
             return bench.run_sampling_benchmark(
                 _CONFIG.value, num_samples=_NUM_SAMPLES.value,
@@ -59,4 +77,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    runtime.reexec_with_malloc_tuning()
     app.run(main)

@@ -26,7 +26,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from pvae_jax import data, sampling, train
+from pvae_jax import data, models, sampling, train
+from pvae_jax.data import pipeline
 
 
 def _peak_rss_bytes() -> int:
@@ -52,8 +53,13 @@ def _train_flops(trainer: train.Trainer, state, image) -> float | None:
     cheap). Under SPMD its cost analysis describes one device's partition, so it is
     scaled by the mesh size to cover the global batch.
     """
+    flops = _cost_flops(trainer.train_step.lower(state, image).compile())
+    return None if flops is None else flops * trainer.mesh.size
+
+
+def _cost_flops(compiled) -> float | None:
     try:
-        cost = trainer.train_step.lower(state, image).compile().cost_analysis()
+        cost = compiled.cost_analysis()
     except Exception:  # noqa: BLE001 - cost analysis is optional on every backend.
         return None
     if isinstance(cost, (list, tuple)):  # Older JAX: one dict per partition.
@@ -61,7 +67,83 @@ def _train_flops(trainer: train.Trainer, state, image) -> float | None:
     flops = (cost or {}).get("flops")
     if flops is None or not math.isfinite(flops) or flops <= 0:
         return None
-    return float(flops) * trainer.mesh.size
+    return float(flops)
+
+
+def forward_flops(model, image_shape, batch_size: int = 8) -> dict[str, float] | None:
+    """FLOPs of the forward pass from XLA's cost analysis, split into a per-image part
+    and a part paid once per batch; None where the backend gives no count.
+
+    The forward is ``model.apply(variables, x, train=False, rngs={'sample': key})`` on
+    ``uint8 [B, *image_shape]``, lowered on abstract values from ``jax.eval_shape`` and
+    compiled for one device at B = ``batch_size`` and ``2 * batch_size``: no parameters
+    are drawn, no data read, nothing run. The difference of the two counts is the
+    per-image cost times ``batch_size``; what is left is work on the parameters alone
+    (e.g. weight normalisation), which a larger batch amortises. XLA counts a
+    multiply-add as 2 FLOPs and an elementwise op as 1 per element, and counts what it
+    compiles (masked kernels cropped to their taps), not textbook arithmetic.
+
+    Args:
+      model: any model of ``models.build`` (the contract's ``__call__``).
+      image_shape: (H, W, C).
+      batch_size: the smaller of the two compiled batches.
+
+    Returns:
+      ``{'per_image': ..., 'per_batch_fixed': ...}``.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    key = jax.random.key(0)
+    example = jnp.zeros((1, *image_shape), jnp.uint8)
+    variables = jax.eval_shape(
+        lambda: model.init({"params": key, "sample": key}, example))
+    key_spec = jax.ShapeDtypeStruct(key.shape, key.dtype)
+    forward = jax.jit(lambda v, x, k: model.apply(v, x, train=False, rngs={"sample": k}))
+    counts = []
+    for b in (batch_size, 2 * batch_size):
+        x = jax.ShapeDtypeStruct((b, *image_shape), jnp.uint8)
+        counts.append(_cost_flops(forward.lower(variables, x, key_spec).compile()))
+    if None in counts:
+        return None
+    per_image = (counts[1] - counts[0]) / batch_size
+    return {"per_image": per_image, "per_batch_fixed": counts[0] - batch_size * per_image}
+
+
+def run_flops(config: ml_collections.ConfigDict, *, batch_size: int = 8,
+              config_name: str | None = None) -> dict[str, Any]:
+    """Forward FLOPs per image of ``config``'s model (see ``forward_flops``), with its
+    parameter count, from the config alone: no data files, no training.
+
+    Returns:
+      A JSON-serialisable dict: ``forward_flops_per_image``,
+      ``forward_flops_per_batch_fixed`` (None, None without a cost analysis),
+      ``num_params``,
+      ``image_shape``, ``num_levels``, ``batch_size`` (of the compiled forward) and
+      context (config, model name, JAX version, device, timestamp).
+    """
+    image_shape, num_levels = pipeline.image_format(config.data)
+    model = models.build(config.model, image_shape, num_levels)
+    key = jax.random.key(0)
+    params = jax.eval_shape(lambda: model.init(
+        {"params": key, "sample": key}, jnp.zeros((1, *image_shape), jnp.uint8)))["params"]
+    flops = forward_flops(model, image_shape, batch_size) or {}
+    device = jax.devices()[0]
+    return {
+        "config_name": config_name,
+        "config": json.loads(config.to_json()),
+        "model_name": config.model.name,
+        "image_shape": list(image_shape),
+        "num_levels": int(num_levels),
+        "num_params": _num_params(params),
+        "batch_size": int(batch_size),
+        "forward_flops_per_image": flops.get("per_image"),
+        "forward_flops_per_batch_fixed": flops.get("per_batch_fixed"),
+        "device_platform": device.platform,
+        "device_kind": device.device_kind,
+        "jax_version": jax.__version__,
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(
+            timespec="seconds"),
+    }
 
 
 def _num_params(params) -> int:
@@ -118,7 +200,11 @@ def run_benchmark(
     Train batches come from ``data.train_iterator`` with ``config.seed`` and
     ``config.data.worker_count``; eval batches from ``Trainer.eval_data``.
 
-    ``input_wait_fraction`` is the share of the timed steps' wall time the host spent
+    ``train_images_per_sec`` is the mean over the timed steps;
+    ``train_images_per_sec_per_step`` gives the min, median and max of the per-step
+    rates, each step timed from the previous step's completion to its own (the loop
+    waits for step i - 1 after dispatching step i, so one step stays queued as in
+    training). ``input_wait_fraction`` is the share of the timed steps' wall time the host spent
     in ``next(data_iterator)`` and ``Trainer.put``. Dispatch is asynchronous, so that
     time may overlap the device's work on the previous step: it bounds from above how
     much the input pipeline slows training. ``eval_images_per_sec`` counts every row of
@@ -135,7 +221,8 @@ def run_benchmark(
 
     Returns:
       A JSON-serialisable dict: the measurements (``compile_seconds``,
-      ``train_images_per_sec``, ``train_steps_per_sec``, ``input_wait_fraction``,
+      ``train_images_per_sec``, ``train_images_per_sec_per_step``,
+      ``train_steps_per_sec``, ``input_wait_fraction``,
       ``eval_images_per_sec``, ``model_flops_per_image``, ``train_gflops_per_sec``,
       ``peak_rss_bytes``, ``device_memory_stats``, ...) and the context (config,
       model, shapes, parameter count, devices, versions, timestamp).
@@ -169,17 +256,29 @@ def run_benchmark(
 
     for _ in range(warmup_steps):
         state, metrics = trainer.train_step(state, trainer.put(next(data_iter))["image"])
-    jax.block_until_ready((state, metrics))
 
+    # Step i is timed from step i - 1's completion to its own. The loop waits for step
+    # i - 1 only after dispatching step i, so one step stays queued behind the running
+    # one, as in training, and the input of the next step is read while a step runs.
+    # The clock starts when the last warm-up step completes.
     input_seconds = 0.0
-    t_start = time.perf_counter()
-    for _ in range(num_steps):
+    step_seconds = []
+    last_done = None
+    for i in range(num_steps):
         t0 = time.perf_counter()
         image = trainer.put(next(data_iter))["image"]
-        input_seconds += time.perf_counter() - t0
+        if i:
+            input_seconds += time.perf_counter() - t0
+        previous = metrics
         state, metrics = trainer.train_step(state, image)
+        jax.block_until_ready(previous)
+        done = time.perf_counter()
+        if last_done is not None:
+            step_seconds.append(done - last_done)
+        last_done = done
     jax.block_until_ready((state, metrics))
-    train_seconds = time.perf_counter() - t_start
+    step_seconds.append(time.perf_counter() - last_done)
+    train_seconds = math.fsum(step_seconds)
     last_loss = float(jax.device_get(metrics["train/loss"]))
     flops_per_step = _train_flops(trainer, state, image)
     del data_iter  # Lets grain stop its worker processes, if any, before eval is timed.
@@ -204,6 +303,7 @@ def run_benchmark(
 
     train_steps_per_sec = num_steps / train_seconds
     train_images_per_sec = train_steps_per_sec * config.batch_size
+    per_step = config.batch_size / np.asarray(step_seconds)
     flops_per_image = None if flops_per_step is None else flops_per_step / config.batch_size
     return {
         **_context(config, config_name, trainer, num_params),
@@ -217,6 +317,9 @@ def run_benchmark(
         "train_seconds": train_seconds,
         "train_steps_per_sec": train_steps_per_sec,
         "train_images_per_sec": train_images_per_sec,
+        "train_images_per_sec_per_step": {"min": float(per_step.min()),
+                                          "median": float(np.median(per_step)),
+                                          "max": float(per_step.max())},
         "input_wait_fraction": min(1.0, input_seconds / train_seconds),
         "train_loss_last": last_loss,
         "eval_seconds": eval_seconds,

@@ -10,11 +10,13 @@ import os
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import pytest
 
 from configs import tiny
-from pvae_jax import bench
+from pvae_jax import bench, models
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -49,6 +51,11 @@ def _check_schema(result, config, num_steps, num_eval_batches, device_count):
                         result["train_steps_per_sec"] * config.batch_size, rel_tol=1e-9)
     assert math.isclose(result["train_steps_per_sec"],
                         num_steps / result["train_seconds"], rel_tol=1e-9)
+    per_step = result["train_images_per_sec_per_step"]
+    assert 0 < per_step["min"] <= per_step["median"] <= per_step["max"]
+    # The mean rate lies between the slowest and the fastest step's.
+    assert per_step["min"] * (1 - 1e-9) <= result["train_images_per_sec"]
+    assert result["train_images_per_sec"] <= per_step["max"] * (1 + 1e-9)
     assert math.isclose(result["eval_images_per_sec"],
                         num_eval_batches * config.eval_batch_size / result["eval_seconds"],
                         rel_tol=1e-9)
@@ -142,3 +149,61 @@ def test_sampling_benchmark_times_all_three_and_compares_the_images():
     assert result["image_shape"] == [6, 6, 1]
     with pytest.raises(ValueError, match="num_samples"):
         bench.run_sampling_benchmark(config, num_samples=0)
+
+
+class _Pointwise(nn.Module):
+    """One bias-free 1x1 convolution (a dense layer over channels), the loss a slice."""
+
+    features: int
+
+    @nn.compact
+    def __call__(self, x_BxHxWxC, train=False):
+        del train
+        y = nn.Conv(self.features, (1, 1), use_bias=False)(x_BxHxWxC.astype(jnp.float32))
+        return {"loss": y[:, 0, 0, 0]}
+
+
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_forward_flops_match_the_closed_form_at_any_batch(batch_size):
+    H, W, C, F = 6, 5, 3, 8
+    flops = bench.forward_flops(_Pointwise(F), (H, W, C), batch_size)
+    # A multiply-add per input channel and output feature at every pixel, plus the
+    # uint8 -> float32 conversion of every sub-pixel; nothing is done per batch.
+    assert flops == {"per_image": 2 * H * W * C * F + H * W * C, "per_batch_fixed": 0}
+
+
+def test_run_flops_needs_no_data_and_scales_with_the_model():
+    config = _config()
+    config.data.name = "binarized_mnist"  # A TFDS dataset nobody has prepared here.
+    small = bench.run_flops(config, batch_size=2, config_name="tiny")
+    config.model.num_pixel_layers += 2
+    big = bench.run_flops(config, batch_size=2)
+    assert small["config_name"] == "tiny" and small["image_shape"] == [28, 28, 1]
+    assert 0 < small["forward_flops_per_image"] < big["forward_flops_per_image"]
+    model = models.build(config.model, (28, 28, 1), 2)
+    # Neither part depends on the batch it was compiled for.
+    flops = bench.forward_flops(model, (28, 28, 1), 3)
+    assert flops["per_image"] == big["forward_flops_per_image"]
+    # Weight normalisation is work on the parameters alone, paid once per batch.
+    assert flops["per_batch_fixed"] == big["forward_flops_per_batch_fixed"] > 0
+    assert json.loads(json.dumps(big)) == big
+    with pytest.raises(ValueError, match="batch_size"):
+        bench.forward_flops(model, (28, 28, 1), 0)
+
+
+def test_launcher_flops_mode(tmp_path):
+    output = tmp_path / "flops.json"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(_ROOT, "launch", "bench.py"),
+         "--config=" + os.path.join(_ROOT, "configs", "tiny.py"), f"--output={output}",
+         "--flops", "--flops_batch_size=2", "--cpu_devices=2"],
+        cwd=_ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(output.read_text())
+    assert result["forward_flops_per_image"] > 0 and result["batch_size"] == 2
+    proc = subprocess.run(
+        [sys.executable, os.path.join(_ROOT, "launch", "bench.py"),
+         "--config=" + os.path.join(_ROOT, "configs", "tiny.py"),
+         f"--output={tmp_path / 'x.json'}", "--flops", "--sampling"],
+        cwd=_ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode != 0 and "pick one of" in proc.stderr
