@@ -1,6 +1,7 @@
 """Tests of multi-process training and fault tolerance: two processes on loopback equal
-one process on two devices, each process reads its own shard of the data, SIGTERM stops
-with a checkpoint, kill -9 at random points, a failing save stops the run.
+one process on two devices and stop together when one is sent SIGTERM, each process
+reads its own shard of the data, SIGTERM stops with a checkpoint, kill -9 at random
+points changes nothing, a failing save stops the run.
 
 Runs that must be killed or span processes are subprocesses of launch/main.py (or a
 short driver) with timeouts, so a hang fails the test instead of blocking CI. The
@@ -202,45 +203,60 @@ def test_process_shards_cover_an_epoch_once_and_resume_mid_epoch():
             np.testing.assert_array_equal(got["image"], want["image"])
 
 
-def test_two_processes_train_like_one_process_on_two_devices(tmp_path):
-    overrides = {"num_train_steps": 2, "checkpoint_every_steps": 1, "num_image_samples": 0,
+def test_two_processes_train_like_one_process_and_stop_together(tmp_path):
+    overrides = {"num_train_steps": 40, "log_every_steps": 1, "eval_every_steps": 2,
+                 "checkpoint_every_steps": 1000, "num_image_samples": 0,
                  "eval_batch_size": 500}
     workdir, reference = str(tmp_path / "two"), str(tmp_path / "one")
     port = _free_port()
-    procs = [_main(workdir, overrides, f"--coordinator_address=localhost:{port}",
-                   "--num_processes=2", f"--process_id={i}", cpu_devices=1,
-                   stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
-    try:
-        errs = [p.communicate(timeout=_TIMEOUT_S)[1] for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
+    flags = [f"--coordinator_address=localhost:{port}", "--num_processes=2"]
+    with open(tmp_path / "process_0.log", "w+") as log_0:
+        procs = [_main(workdir, overrides, *flags, "--process_id=0", cpu_devices=1,
+                       stdout=subprocess.DEVNULL, stderr=log_0),
+                 _main(workdir, overrides, *flags, "--process_id=1", cpu_devices=1,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)]
+        try:
+            seen = _wait_for_line(procs[1], "step 2/")
+            procs[1].send_signal(signal.SIGTERM)  # Only one process is told to stop.
+            errs = [None, seen + procs[1].communicate(timeout=_TIMEOUT_S)[1]]
+            procs[0].wait(timeout=_TIMEOUT_S)
+        finally:
+            for p in procs:
+                p.kill()
+        log_0.seek(0)
+        errs[0] = log_0.read()
     for p, err in zip(procs, errs, strict=True):
         assert p.returncode == 0, err[-3000:]
     assert "process 1 of 2: 1 local and 2 global devices" in errs[1]
+    # Both stopped after the same step, with one checkpoint of it.
+    stopped = int(errs[1].split("stopped on SIGTERM at step ")[1].split(";")[0])
+    assert f"stopped on another process's stop request at step {stopped};" in errs[0]
+    assert 2 < stopped < overrides["num_train_steps"]
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == [str(stopped)]
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints", str(stopped), "data"))) \
+        == ["commit_success.txt", "process_0-of-2.json", "process_1-of-2.json"]
 
-    config = _config(overrides)
-    final = train.train_and_evaluate(config, reference)
+    # The same steps in one process on two devices: the same state and numbers, each
+    # record logged once (by process 0 only).
+    config = _config({**overrides, "num_train_steps": stopped})
+    train.train_and_evaluate(config, reference)
     (two, two_step), (one, one_step) = _final_state(workdir, config), \
         _final_state(reference, config)
-    assert two_step == one_step == 2
+    assert two_step == one_step == stopped
     _assert_same_state(two, one)
-    # Only process 0 logged, once per record, the same numbers.
     assert _train_records(workdir) == _train_records(reference)
-    evals = [r for r in read_metrics(workdir) if r["split"] == "eval"]
-    assert len(evals) == 1 and evals[0]["eval/nll_bound"] == final["eval/nll_bound"]
-    # Each process saved its own data position.
-    assert sorted(os.listdir(os.path.join(workdir, "checkpoints", "2", "data"))) == [
-        "commit_success.txt", "process_0-of-2.json", "process_1-of-2.json"]
+    evals = [[r for r in read_metrics(d) if r["split"] == "eval" and r["step"] < stopped]
+             for d in (workdir, reference)]
+    assert evals[0] == evals[1] and evals[0][0]["step"] == 2
 
     # Both continue in this one process: the two-process checkpoint resumes here (state
     # resharded, data position of the shared stream) and stays equal to the other.
-    longer = _config({**overrides, "num_train_steps": 4})
+    longer = _config({**overrides, "num_train_steps": stopped + 2})
     train.train_and_evaluate(longer, workdir)
     train.train_and_evaluate(longer, reference)
     (two, two_step), (one, one_step) = _final_state(workdir, longer), \
         _final_state(reference, longer)
-    assert two_step == one_step == 4
+    assert two_step == one_step == stopped + 2
     _assert_same_state(two, one)
     assert _train_records(workdir) == _train_records(reference)
 
