@@ -27,7 +27,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from pvae_jax import evaluation, fileio, models, sampling, train, viz
+from pvae_jax import data, evaluation, fileio, models, sampling, train, viz
 
 # The PixelCNN of Fig. 4 that each latent-variable model is compared with.
 PIXELCNN_OF = {"vae": "pixelcnn", "pixelvae": "pixelcnn",
@@ -200,6 +200,12 @@ def latent_space(config: ml_collections.ConfigDict, workdir_root: str, results_d
     Returns:
       The JSON written.
     """
+    if not data.sources.get_spec(config.data.name).has_labels:
+        raise ValueError(
+            f"the k-NN test error needs class labels, and {config.data.name!r} has none "
+            "(TFDS binarized_mnist is unlabelled): use --config.data.name=mnist "
+            "--config.data.binarize=stochastic (TFDS MNIST binarised in the pipeline) "
+            "or the offline digits (configs/mnist.py:<model>,offline).")
     names = [baseline, config.model.name]
     for name in names:
         if name not in PIXELCNN_OF:
@@ -212,7 +218,7 @@ def latent_space(config: ml_collections.ConfigDict, workdir_root: str, results_d
     latents = {}
     for run, cfg in configs.items():
         trainer, variables = _load(cfg, os.path.join(workdir_root, run))
-        train_batches = _train_split_batches(cfg, trainer)
+        train_batches = _train_split_batches(cfg)
         z_train, y_train = evaluation.posterior_means(trainer.model, variables, train_batches)
         z_test, y_test = evaluation.posterior_means(trainer.model, variables,
                                                     trainer.eval_data)
@@ -233,9 +239,7 @@ def latent_space(config: ml_collections.ConfigDict, workdir_root: str, results_d
     return result
 
 
-def _train_split_batches(config, trainer):
-    from pvae_jax import data
-
+def _train_split_batches(config):
     return data.eval_batches(config.data, config.eval_batch_size,
                              split=config.data.train_split)
 

@@ -65,3 +65,9 @@ def test_latent_table_and_plot(tmp_path):
     assert (tmp_path / "fig5.png").stat().st_size > 1000
     experiments._write_json(str(tmp_path / "r.json"), result)
     assert json.loads((tmp_path / "r.json").read_text()) == result
+
+
+def test_latent_space_needs_labelled_data(tmp_path):
+    config = mnist.get_config("pixelvae")  # TFDS binarized_mnist: no labels.
+    with pytest.raises(ValueError, match="needs class labels"):
+        experiments.latent_space(config, str(tmp_path / "runs"), str(tmp_path / "results"))
