@@ -266,14 +266,16 @@ def test_fast_sampler_draws_the_reference_images(index):
     if isinstance(model, models.PixelVAE):
         fixed = {"latents": jax.random.normal(jax.random.key(9), (n, 3))}
     if isinstance(model, models.HierarchicalPixelVAE):
-        # The latent prior's draws too: fast and reference give the same z1 (to float
-        # rounding: the sums run in another order) for a given top level.
+        # The latent prior's draws too: fast and reference give the same z1 for a given
+        # top level, to float32 rounding (the sums run in another order, and each
+        # position's draw feeds the next: 1e-4 of the values' scale allows for that).
         z2 = jax.random.normal(jax.random.key(9), (n, 3))
         fixed = {"latents": (None, z2)}
-        z = [sampling.sample_latents(model, variables, jax.random.key(2), n, method=m,
-                                     fixed=(None, z2)) for m in ("fast", "reference")]
-        np.testing.assert_allclose(z[0][0], z[1][0], rtol=1e-5, atol=1e-5)
-        np.testing.assert_array_equal(z[0][1], z2)
+        z = [np.asarray(sampling.sample_latents(model, variables, jax.random.key(2), n,
+                                                method=m, fixed=(None, z2))[0])
+             for m in ("fast", "reference")]
+        np.testing.assert_allclose(z[0], z[1], rtol=0, atol=1e-4 * np.abs(z[1]).max())
+        assert np.abs(z[1]).max() > 0.1  # Not a trivial agreement at zero.
 
     def both(key, temperature, fixed):
         return [np.asarray(sampling.sample(model, variables, jax.random.key(key), n,
