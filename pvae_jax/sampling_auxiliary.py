@@ -263,9 +263,10 @@ def sample(model: nn.Module, variables, key, num_samples: int, *, temperature=1.
               map_sampling=map_sampling, log_scale_shift=log_scale_shift)
 
 
-def scales_grid(scales, num_levels: int = 256, pad: int = 1) -> np.ndarray:
-    """One row per sample, one column per scale, every scale blown up (nearest) to the
-    finest size: the coarse-to-fine progression of each image.
+def scales_grid(scales, num_levels: int = 256, pad: int = 1,
+                samples_per_row: int = 1) -> np.ndarray:
+    """Each sample's scales side by side, every scale blown up (nearest) to the finest
+    size: the coarse-to-fine progression of each image.
 
     Args:
       scales: list of ``[N, h_k, w_k, C]`` arrays (``sample_pyramid_scales``), or of
@@ -273,6 +274,7 @@ def scales_grid(scales, num_levels: int = 256, pad: int = 1) -> np.ndarray:
         shown gray).
       num_levels: levels of the images (a 16-level x^ goes in as ``x^ * 17``).
       pad: border width.
+      samples_per_row: samples in a row of the grid (each taking one cell per scale).
 
     Returns:
       uint8 grid ``[rows, cols, 3]`` for ``viz.save_png``.
@@ -284,7 +286,7 @@ def scales_grid(scales, num_levels: int = 256, pad: int = 1) -> np.ndarray:
         a = np.repeat(np.repeat(a, H // a.shape[1], axis=1), W // a.shape[2], axis=2)
         big.append(np.repeat(a, 3, axis=-1) if a.shape[-1] == 1 else a)
     cells = np.stack(big, axis=1).reshape(-1, H, W, 3)
-    return viz.image_grid(cells, num_levels, ncols=len(arrays), pad=pad)
+    return viz.image_grid(cells, num_levels, ncols=len(arrays) * samples_per_row, pad=pad)
 
 
 def grayscale_to_levels(x_hat) -> np.ndarray:
