@@ -156,13 +156,14 @@ def _layers_markdown(records) -> str:
 
 def _plot_layers(records, path: str) -> None:
     plt = _pyplot()
-    fig, (ax_a, ax_b) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax_a, ax_b) = plt.subplots(1, 2, figsize=(11, 4.2), layout="constrained")
     for has_latents, label in ((True, "PixelVAE (NLL bound)"), (False, "PixelCNN (NLL)")):
         rs = sorted((r for r in records if r["has_latents"] == has_latents),
                     key=lambda r: r["num_pixel_layers"])
         if rs:
             ax_a.plot([r["num_pixel_layers"] for r in rs], [r["nll_bound_nats"] for r in rs],
                       "o-", label=f"{label}: {rs[0]['model']}")
+    ax_a.set_xticks(sorted({r["num_pixel_layers"] for r in records}))
     ax_a.set_xlabel("PixelCNN layers")
     ax_a.set_ylabel("nats per image")
     ax_a.set_title("(a) NLL against PixelCNN layers")
@@ -259,7 +260,8 @@ def _latent_markdown(result) -> str:
 
 def _plot_latents(latents, result, path: str) -> None:
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(latents), figsize=(5 * len(latents), 4.6))
+    fig, axes = plt.subplots(1, len(latents), figsize=(5.5 * len(latents), 4.6),
+                             layout="constrained")
     for ax, (run, (z, y)) in zip(np.atleast_1d(axes), latents.items(), strict=True):
         sc = ax.scatter(z[:, 0], z[:, 1], c=y, cmap="tab10", s=4, vmin=-0.5, vmax=9.5)
         err = result["runs"][run]["knn_test_error"]
