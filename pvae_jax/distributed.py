@@ -126,19 +126,20 @@ def initialize(mode: str = "auto", coordinator_address: str | None = None,
 class StopRequest:
     """Catches SIGTERM and SIGINT while training; ``poll()`` once per step says when to stop.
 
-    A second signal of the same kind is not caught: a second Ctrl-C raises
-    KeyboardInterrupt and a second SIGTERM terminates as usual. Handlers are only
-    installed from the main thread (Python's rule); elsewhere no signal is caught.
+    Enter it before the slow setup (building the model, compiling, restoring), so a
+    signal that arrives then also ends in a checkpoint after the first step instead of
+    killing one process of several. A second signal of the same kind is not caught: a
+    second Ctrl-C raises KeyboardInterrupt and a second SIGTERM terminates as usual.
+    Handlers are only installed from the main thread (Python's rule); elsewhere no
+    signal is caught.
     """
 
     _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self, sharding: NamedSharding):
+    def __init__(self):
         self.signal_name: str | None = None
-        self._sharding = sharding
-        self._local = len(sharding.addressable_devices)
-        self._max = jax.jit(jnp.max, out_shardings=NamedSharding(sharding.mesh, P()))
         self._pending = None
+        self._max = None
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> StopRequest:
@@ -159,20 +160,25 @@ class StopRequest:
         logging.warning("received %s: stopping after the current step with a checkpoint "
                         "(send it again to stop at once, without one)", self.signal_name)
 
-    def _any_process(self):
-        flag = np.full((self._local,), self.signal_name is not None, np.int32)
-        return self._max(jax.make_array_from_process_local_data(self._sharding, flag))
+    def _any_process(self, sharding: NamedSharding):
+        if self._max is None:
+            self._max = jax.jit(jnp.max, out_shardings=NamedSharding(sharding.mesh, P()))
+        local = len(sharding.addressable_devices)
+        flag = np.full((local,), self.signal_name is not None, np.int32)
+        return self._max(jax.make_array_from_process_local_data(sharding, flag))
 
-    def poll(self) -> bool:
+    def poll(self, sharding: NamedSharding) -> bool:
         """True, on every process at the same call, once any process was signalled.
 
-        Call it on every process after dispatching each step. It reports the requests
-        made up to the previous call, so a stop comes one step after the signal.
+        Call it on every process after dispatching each step, with the same
+        ``sharding`` (a 1-D sharding over all devices, e.g. the batch's). It reports
+        the requests made up to the previous call, so a stop comes one step after the
+        signal, and the host does not wait for the device.
         """
-        previous, self._pending = self._pending, self._any_process()
+        previous, self._pending = self._pending, self._any_process(sharding)
         return previous is not None and bool(previous)
 
-    def now(self) -> bool:
+    def now(self, sharding: NamedSharding) -> bool:
         """Like ``poll`` but reports requests up to this call (waits for the device)."""
         previous, self._pending = self._pending, None
-        return bool(self._any_process()) or (previous is not None and bool(previous))
+        return bool(self._any_process(sharding)) or (previous is not None and bool(previous))

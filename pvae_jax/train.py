@@ -311,28 +311,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       checkpointing.CheckpointError: a save failed (the last good checkpoint is kept),
         or no checkpoint in the workdir could be read.
     """
-    _check_workdir(workdir)
-    trainer = Trainer(config)
-    info = trainer.info
-    checkpointing.check_run_file(workdir, run_record(config, info))
-    train_key, eval_key, image_key = jax.random.split(jax.random.key(config.seed), 3)
+    with distributed.StopRequest() as stop:
+        _check_workdir(workdir)
+        trainer = Trainer(config)
+        info = trainer.info
+        checkpointing.check_run_file(workdir, run_record(config, info))
+        keys = jax.random.split(jax.random.key(config.seed), 3)  # train, eval, image
 
-    data_iter = data.train_iterator(
-        config.data, config.batch_size, seed=config.seed,
-        process_index=jax.process_index(), process_count=jax.process_count(),
-        worker_count=config.data.worker_count)
-    ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                      config.keep_checkpoints)
-    writer = MetricWriter(workdir)
-    try:
-        with distributed.StopRequest(trainer.batch_sharding) as stop:
-            return _train_loop(config, workdir, trainer, data_iter, ckpt, writer, stop,
-                               (train_key, eval_key, image_key))
-    finally:
+        data_iter = data.train_iterator(
+            config.data, config.batch_size, seed=config.seed,
+            process_index=jax.process_index(), process_count=jax.process_count(),
+            worker_count=config.data.worker_count)
+        ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                          config.keep_checkpoints)
+        writer = MetricWriter(workdir)
         try:
-            ckpt.close()  # Waits until the saves in flight are durable.
+            return _train_loop(config, workdir, trainer, data_iter, ckpt, writer, stop, keys)
         finally:
-            writer.close()
+            try:
+                ckpt.close()  # Waits until the saves in flight are durable.
+            finally:
+                writer.close()
 
 
 def _train_loop(config, workdir, trainer, data_iter, ckpt, writer, stop, keys):
@@ -382,9 +381,10 @@ def _train_loop(config, workdir, trainer, data_iter, ckpt, writer, stop, keys):
         if done % config.checkpoint_every_steps == 0 or done == total:
             ckpt.save(done, state, data_iter)
         ckpt.check()  # A failed save stops the run now, not hours later.
-        if stop.poll():
+        if stop.poll(trainer.batch_sharding):
             _stop(ckpt, stop, workdir, done, state, data_iter)
-    if stop.now():  # The final checkpoint is written; the final eval can wait.
+    # A stop during the last steps: their checkpoint is written, the final eval can wait.
+    if stop.now(trainer.batch_sharding):
         _stop(ckpt, stop, workdir, total, state, data_iter)
     final = writer.write(int(state.step), "eval", trainer.evaluate(state, eval_key))
     logging.info("final eval at step %d: %s", int(state.step), final)

@@ -150,15 +150,15 @@ def test_cluster_environment_and_bad_arguments(monkeypatch):
 def test_stop_request_is_seen_at_the_next_poll_and_a_second_signal_is_not_caught():
     sharding = NamedSharding(jax.make_mesh((jax.device_count(),), ("data",)), P("data"))
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    with distributed.StopRequest(sharding) as stop:
-        assert not stop.poll() and not stop.now()
-        assert not stop.poll()
+    with distributed.StopRequest() as stop:
+        assert not stop.poll(sharding) and not stop.now(sharding)
+        assert not stop.poll(sharding)
         os.kill(os.getpid(), signal.SIGINT)
         assert stop.signal_name == "SIGINT"
         # Every process reads the combined request one poll later, at the same step.
-        assert not stop.poll()
-        assert stop.poll()
-        assert stop.now()
+        assert not stop.poll(sharding)
+        assert stop.poll(sharding)
+        assert stop.now(sharding)
         with pytest.raises(KeyboardInterrupt):  # A second Ctrl-C interrupts at once.
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1)
@@ -292,19 +292,21 @@ def test_sigterm_saves_the_step_reached_and_the_resumed_run_is_identical(tmp_pat
 def test_kill_9_at_random_points_then_resume_equals_uninterrupted(tmp_path, uninterrupted):
     workdir = str(tmp_path)
     rng = np.random.default_rng(2017)
-    for delay_s in rng.uniform(0.0, 1.0, size=3):
+    total = _RUN["num_train_steps"]
+    # Increasing steps, so each restart (from the checkpoint before the last kill)
+    # reaches the next one; a fraction of a step later anything may be running: the
+    # next step, an async save (every 4 steps), its commit, the deletion of an old one.
+    kill_steps = np.sort(rng.choice(np.arange(2, total), size=3, replace=False))
+    for step, delay_s in zip(kill_steps, rng.uniform(0.0, 0.05, size=3), strict=True):
         proc = _main(workdir, _RUN, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
-            # From the first line naming a step (the resume, or the first step logged)
-            # anything may be running: a step, an async save, its commit, the deletion
-            # of an old checkpoint, the final evaluation.
-            _wait_for_line(proc, "step ")
+            seen = _wait_for_line(proc, f"step {step}/{total}")
             time.sleep(delay_s)
             proc.send_signal(signal.SIGKILL)
             proc.communicate(timeout=_TIMEOUT_S)
         finally:
             proc.kill()
-        assert proc.returncode == -signal.SIGKILL  # Killed while running, not after.
+        assert proc.returncode == -signal.SIGKILL, seen[-3000:]  # Killed while running.
     returncode, err = _run_main(workdir, _RUN)
     assert returncode == 0, err[-3000:]
     reference_dir, reference = uninterrupted
