@@ -297,22 +297,29 @@ def test_kill_9_at_random_points_then_resume_equals_uninterrupted(tmp_path, unin
     # reaches the next one; a fraction of a step later anything may be running: the
     # next step, an async save (every 4 steps), its commit, the deletion of an old one.
     kill_steps = np.sort(rng.choice(np.arange(2, total), size=3, replace=False))
+    history = []  # What each start did, to tell a failure's story.
     for step, delay_s in zip(kill_steps, rng.uniform(0.0, 0.05, size=3), strict=True):
         proc = _main(workdir, _RUN, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
             seen = _wait_for_line(proc, f"step {step}/{total}")
             time.sleep(delay_s)
             proc.send_signal(signal.SIGKILL)
-            proc.communicate(timeout=_TIMEOUT_S)
+            seen += proc.communicate(timeout=_TIMEOUT_S)[1]
         finally:
             proc.kill()
+        history.append(f"killed at step {step} + {delay_s:.3f} s; rc {proc.returncode}; "
+                       f"then on disk: {sorted(os.listdir(os.path.join(workdir, 'checkpoints')))}")
         assert proc.returncode == -signal.SIGKILL, seen[-3000:]  # Killed while running.
     returncode, err = _run_main(workdir, _RUN)
     assert returncode == 0, err[-3000:]
+    history.append(next((line for line in err.splitlines() if "resumed from" in line), ""))
     reference_dir, reference = uninterrupted
     state, _ = _final_state(workdir, _config(_RUN))
-    _assert_same_state(state, reference)
-    assert _train_records(workdir) == _train_records(reference_dir)
+    try:
+        _assert_same_state(state, reference)
+        assert _train_records(workdir) == _train_records(reference_dir)
+    except AssertionError as e:
+        raise AssertionError("\n".join(history)) from e
 
 
 # Fills the "disk" from the second checkpoint on: files may grow to 20 kB, less than a
