@@ -302,7 +302,7 @@ def _num_params(variables) -> int:
 def _timed_sampler(fn, model, num_samples, seed):
     """(seconds of a compiled call, seconds of the first call incl. compile)."""
     variables = numpy_init(model, jnp.zeros((1, *model.image_hw, model.channels), jnp.uint8),
-                           seed)
+                           seed=seed)
     start = time.perf_counter()
     jax.block_until_ready(fn(model, variables, jax.random.key(0), num_samples))
     first = time.perf_counter() - start

@@ -357,14 +357,15 @@ class PixelCNNPlusPlus(nn.Module):
         return None
 
 
-def numpy_init(model: nn.Module, x_BxHxWxC, seed: int = 0) -> dict:
+def numpy_init(model: nn.Module, *inputs, seed: int = 0) -> dict:
     """Variables drawn on the host: kernels N(0, 1/fan_in), biases 0.
 
     ``model.init`` compiles one random initialiser per parameter, which takes XLA:CPU
     tens of seconds for these many-layered nets; tests and benchmarks that need
-    only some valid parameters use this instead (shapes from ``jax.eval_shape``).
+    only some valid parameters use this instead (shapes from ``jax.eval_shape`` of
+    ``model.init(key, *inputs)``).
     """
-    shapes = jax.eval_shape(model.init, jax.random.key(0), x_BxHxWxC)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), *inputs)
     rng = np.random.default_rng(seed)
 
     def draw(leaf):
