@@ -41,7 +41,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from pvae_jax import distributions
+from pvae_jax import distributions, sampling_auxiliary
+from pvae_jax.models.auxiliary import GrayscalePixelCNN, PixelCNNPlusPlus, PyramidPixelCNN
 from pvae_jax.models.conv_vae import scale_pixels
 from pvae_jax.models.hierarchical import HierarchicalPixelVAE, LatentPixelCNN
 from pvae_jax.models.pixelcnn import logits_per_sub_pixel, pixel_sample
@@ -61,6 +62,8 @@ def sample(
     temperature=1.0,
     fixed: Mapping[str, Any] | None = None,
     method: str = "fast",
+    map_sampling: bool = False,
+    log_scale_shift=0.0,
 ) -> jax.Array:
     """Draws ``num_samples`` images from ``model``.
 
@@ -94,6 +97,16 @@ def sample(
         ``'reference'`` for the same key. ``'reference'``: one full decoder pass per
         sub-pixel, the ground truth the fast sampler is checked against. Both take one
         pass in all for a factorised decoder, which gives the same images.
+      map_sampling: PixelCNN++ models with a logistic-mixture output (Grayscale and
+        Pyramid PixelCNN): draw each pixel's mixture component, then take its mode
+        instead of adding logistic noise (Kolesnikov & Lampert's MAP sampling).
+      log_scale_shift: the same models: subtract this from every predicted log-scale
+        (their variance reduction).
+
+    The auxiliary-variable models are drawn by ``sampling_auxiliary`` (see there); for
+    the Grayscale PixelCNN ``fixed={'latents': x_hat}`` colours given 4-bit grayscale
+    images, and only the Pyramid PixelCNN has a ``'fast'`` path of its own (the
+    others run their reference sampler for either method).
 
     Returns:
       uint8 array ``[N, H, W, C]`` with values in ``[0, model.num_levels)``; the shape
@@ -113,6 +126,13 @@ def sample(
     unknown = sorted(set(fixed) - set(FIXED_KEYS))
     if unknown:
         raise ValueError(f"fixed may only hold {FIXED_KEYS}, got unknown keys {unknown}")
+    if isinstance(model, _AUXILIARY):
+        return _sample_auxiliary(model, variables, key, num_samples, temperature,
+                                 fixed.get("latents"), method, map_sampling, log_scale_shift)
+    if map_sampling or (not isinstance(log_scale_shift, jax.core.Tracer)
+                        and float(log_scale_shift) != 0.0):
+        raise ValueError("map_sampling and log_scale_shift apply to logistic-mixture "
+                         f"outputs (Grayscale/Pyramid PixelCNN), not {type(model).__name__}")
     image_shape(model)  # Fails early, outside jit, on a model without its shape.
     factorised = model.decoder.num_layers == 0
     args = (model, variables, key, fixed.get("latents"), jnp.asarray(temperature, jnp.float32))
@@ -121,11 +141,31 @@ def sample(
     return _sample_reference(*args, num_samples=num_samples, factorised=factorised)
 
 
+_AUXILIARY = (GrayscalePixelCNN, PyramidPixelCNN, PixelCNNPlusPlus)
+
+
+def _sample_auxiliary(model, variables, key, num_samples, temperature, fixed_latents, method,
+                      map_sampling, log_scale_shift):
+    options = dict(temperature=temperature, map_sampling=map_sampling,
+                   log_scale_shift=log_scale_shift)
+    if isinstance(model, GrayscalePixelCNN):
+        return sampling_auxiliary.sample_grayscale(model, variables, key, num_samples,
+                                                   grayscale=fixed_latents, **options)
+    if fixed_latents is not None:
+        raise ValueError(f"fixed['latents'] was given, but {type(model).__name__} has no "
+                         "latents to hold")
+    if isinstance(model, PyramidPixelCNN):
+        return sampling_auxiliary.sample_pyramid(model, variables, key, num_samples,
+                                                 method=method, **options)
+    return sampling_auxiliary.sample_pixelcnnpp(model, variables, key, num_samples, **options)
+
+
 def image_shape(model: nn.Module) -> tuple[int, int, int]:
     """``(H, W, C)`` of the images ``model`` generates: ``model.image_hw`` and
     ``model.decoder.channels``, which every family of ``pvae_jax.models`` carries."""
     hw = getattr(model, "image_hw", None)
-    channels = getattr(getattr(model, "decoder", None), "channels", None)
+    channels = getattr(getattr(model, "decoder", None), "channels",
+                       getattr(model, "channels", None))
     if hw is None or channels is None:
         raise ValueError(f"{type(model).__name__} must carry image_hw and decoder.channels "
                          f"for the sampler to know the image shape; build it with "

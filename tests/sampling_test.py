@@ -366,3 +366,22 @@ def test_hierarchical_levels_can_be_held_while_the_others_vary():
     for vary in ("top", "middle"):
         images = np.asarray(grid(vary=vary))
         assert images.shape == (n, *shape) and (images != images[:1]).any(), vary
+
+
+def test_auxiliary_models_share_the_entry_point():
+    from configs import photo_auxiliary
+    from pvae_jax import sampling_auxiliary
+    from pvae_jax.models import auxiliary
+
+    config = photo_auxiliary.get_config("tiny_pyramid")
+    model = models.build(config.model, (8, 8, 3))
+    variables = auxiliary.numpy_init(model, np.zeros((1, 8, 8, 3), np.uint8))
+    key = jax.random.key(0)
+    got = sampling.sample(model, variables, key, 2, map_sampling=True, log_scale_shift=0.5)
+    want = sampling_auxiliary.sample_pyramid(model, variables, key, 2, map_sampling=True,
+                                             log_scale_shift=0.5, method="fast")
+    np.testing.assert_array_equal(got, want)
+    assert got.shape == (2, 8, 8, 3) and got.dtype == np.uint8
+    vae, vae_variables = _model("gated_noup", (4, 5, 3), 256)
+    with pytest.raises(ValueError, match="map_sampling and log_scale_shift apply"):
+        sampling.sample(vae, vae_variables, key, 2, map_sampling=True)
