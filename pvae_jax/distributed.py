@@ -11,7 +11,7 @@ the train step's mesh spans them all; on CPU-only hosts the processes talk over 
 step. With several processes only some may receive the signal, and every process must
 save the same step, so the request is combined over processes with a one-element
 max-reduce that is dispatched behind each step and read one step later: every process
-sees it at the same step, and the host never waits for the device except when stopping.
+sees it at the same step, and the device always has the next step queued.
 """
 
 from __future__ import annotations
@@ -173,7 +173,7 @@ class StopRequest:
         Call it on every process after dispatching each step, with the same
         ``sharding`` (a 1-D sharding over all devices, e.g. the batch's). It reports
         the requests made up to the previous call, so a stop comes one step after the
-        signal, and the host does not wait for the device.
+        signal, and the host stays a step ahead of the device.
         """
         previous, self._pending = self._pending, self._any_process(sharding)
         return previous is not None and bool(previous)
