@@ -13,8 +13,9 @@ image from XLA's cost analysis of the compiled forward, without data or training
 (bench.run_flops). Writes --output atomically and prints the same JSON.
 
 On Linux with glibc the script restarts itself once with tuned malloc settings
-(runtime.MALLOC_ENV, faster XLA:CPU steps); PVAE_JAX_MALLOC_TUNING=0, or any MALLOC_*
-variable of your own, keeps the allocator's defaults.
+(runtime.MALLOC_ENV: transparent huge pages for XLA:CPU's per-step buffers, one
+arena); PVAE_JAX_MALLOC_TUNING=0, or GLIBC_TUNABLES or any MALLOC_* variable of your
+own, keeps the allocator's defaults.
 """
 
 import json
