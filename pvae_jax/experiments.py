@@ -18,7 +18,6 @@ same call serves ``binarized_mnist`` or the offline digits.
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -324,7 +323,3 @@ def _first_batches(batches, num_images):
         seen += int(np.sum(batch["mask"] > 0))
         if seen >= num_images:
             return
-
-
-def bits_per_dim(nats: float, image_shape) -> float:
-    return nats / (math.prod(image_shape) * math.log(2))
