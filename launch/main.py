@@ -9,12 +9,10 @@ docs/cluster.md. SIGTERM or Ctrl-C stops after the current step with a checkpoin
 (exit status 0); running the command again resumes.
 """
 
-import sys
-
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from pvae_jax import checkpointing, distributed, runtime, train
+from pvae_jax import distributed, runtime, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:variant].",
                                           lock_config=True)
@@ -41,9 +39,6 @@ def _run():
     except distributed.Preempted as e:
         logging.warning("%s", e)  # Not an error: exit status 0, and a rerun resumes.
         return None
-    except checkpointing.CheckpointError as e:
-        logging.error("%s", e)
-        sys.exit(f"error: {e}")
 
 
 def main(argv):

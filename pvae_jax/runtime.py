@@ -11,6 +11,8 @@ from collections.abc import Callable, Mapping
 import jax
 from absl import logging as absl_logging
 
+from pvae_jax.checkpointing import CheckpointError
+
 # Libraries whose INFO records (a dozen lines per checkpoint) would drown the progress.
 _CHATTY = ("/orbax/", "/grain/", "/jax/", "/tensorflow_datasets/")
 
@@ -109,7 +111,7 @@ def quiet_library_logs() -> None:
 
 # What a user can fix (a config field, a missing file, a diverging run): one line, no
 # traceback. Anything else is a bug and keeps its traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError)
+USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, CheckpointError)
 
 
 def run_launcher(fn: Callable[[], object], cpu_devices: int | None = None):

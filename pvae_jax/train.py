@@ -142,6 +142,9 @@ def eval_step(params, model_state, batch, key, *, model):
     out = model.apply(variables, batch["image"], train=False, rngs={"sample": key})
     mask_B = batch["mask"]
     sums = {"nll_bound": out["loss"], "recon": out["recon"], "kl": out["kl"]}
+    # Models made of several factors (the auxiliary-variable PixelCNNs) report each
+    # factor's NLL as 'nll_<factor>'; it is averaged like the bound.
+    sums.update({k: v for k, v in out.items() if k.startswith("nll_")})
     sums = {k: jnp.sum(v * mask_B) for k, v in sums.items()}
     if "kl_levels" in out:
         sums["kl_levels"] = jnp.sum(out["kl_levels"] * mask_B[:, None], axis=0)

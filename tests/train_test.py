@@ -190,3 +190,15 @@ def test_unreadable_latest_checkpoint_resumes_from_the_one_before(tmp_path, capl
     evals = [r for r in read_metrics(workdir) if r["split"] == "eval"]
     assert [r["step"] for r in evals] == [6]  # The lost run's final eval was redone once.
     assert final["eval/nll_bound"] == evals[0]["eval/nll_bound"]
+
+
+def test_eval_reports_each_factor_of_a_factorised_model():
+    from configs import photo_auxiliary
+
+    config = photo_auxiliary.get_config("tiny_grayscale")
+    trainer = train.Trainer(config)
+    state = trainer.init_state(jax.random.key(0))
+    out = trainer.evaluate(state, jax.random.key(1), num_batches=1)
+    assert out["eval/nll_grayscale"] > 0 and out["eval/nll_color"] > 0
+    assert out["eval/nll_bound"] == pytest.approx(
+        out["eval/nll_grayscale"] + out["eval/nll_color"], rel=1e-5)
