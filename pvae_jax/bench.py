@@ -207,7 +207,9 @@ def run_benchmark(
     training). ``train_cpu_seconds_per_step`` is the CPU time of the whole process
     (all threads, input pipeline included) per timed step: on a CPU host shared with
     other work it varies far less than the wall-clock rates, so compare variants by
-    it there. ``input_wait_fraction`` is the share of the timed steps' wall time the
+    it there. ``train_page_faults_per_step`` counts the process's minor page faults
+    (memory mapped afresh and touched; see ``runtime.MALLOC_ENV``).
+    ``input_wait_fraction`` is the share of the timed steps' wall time the
     host spent in ``next(data_iterator)`` and ``Trainer.put``. Dispatch is
     asynchronous, so that time may overlap the device's work on the running step: it
     bounds from above how much the input pipeline slows training.
@@ -226,7 +228,8 @@ def run_benchmark(
     Returns:
       A JSON-serialisable dict: the measurements (``compile_seconds``,
       ``train_images_per_sec``, ``train_images_per_sec_per_step``,
-      ``train_steps_per_sec``, ``train_cpu_seconds_per_step``, ``input_wait_fraction``,
+      ``train_steps_per_sec``, ``train_cpu_seconds_per_step``,
+      ``train_page_faults_per_step``, ``input_wait_fraction``,
       ``eval_images_per_sec``, ``model_flops_per_image``, ``train_gflops_per_sec``,
       ``peak_rss_bytes``, ``device_memory_stats``, ...) and the context (config,
       model, shapes, parameter count, devices, versions, timestamp).
@@ -268,7 +271,7 @@ def run_benchmark(
     input_seconds = 0.0
     step_seconds = []
     last_done = None
-    cpu_start = 0.0
+    cpu_start, faults_start = 0.0, 0
     for i in range(num_steps):
         t0 = time.perf_counter()
         image = trainer.put(next(data_iter))["image"]
@@ -280,6 +283,7 @@ def run_benchmark(
         done = time.perf_counter()
         if last_done is None:
             cpu_start = time.process_time()
+            faults_start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         else:
             step_seconds.append(done - last_done)
         last_done = done
@@ -287,6 +291,7 @@ def run_benchmark(
     step_seconds.append(time.perf_counter() - last_done)
     train_seconds = math.fsum(step_seconds)
     train_cpu_seconds = time.process_time() - cpu_start
+    page_faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_start
     last_loss = float(jax.device_get(metrics["train/loss"]))
     flops_per_step = _train_flops(trainer, state, image)
     del data_iter  # Lets grain stop its worker processes, if any, before eval is timed.
@@ -330,6 +335,7 @@ def run_benchmark(
                                           "max": float(per_step.max())},
         "input_wait_fraction": min(1.0, input_seconds / train_seconds),
         "train_cpu_seconds_per_step": train_cpu_seconds / num_steps,
+        "train_page_faults_per_step": page_faults / num_steps,
         "train_loss_last": last_loss,
         "eval_seconds": eval_seconds,
         "eval_images_per_sec": num_eval_batches * config.eval_batch_size / eval_seconds,

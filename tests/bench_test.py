@@ -47,6 +47,7 @@ def _check_schema(result, config, num_steps, num_eval_batches, device_count):
         value = result["compile_seconds"][key]
         assert math.isfinite(value) and value > 0, (key, value)
     assert 0.0 <= result["input_wait_fraction"] <= 1.0
+    assert result["train_page_faults_per_step"] >= 0
     assert math.isfinite(result["train_loss_last"])
     assert math.isclose(result["train_images_per_sec"],
                         result["train_steps_per_sec"] * config.batch_size, rel_tol=1e-9)
