@@ -286,7 +286,10 @@ def reconstructions(config: ml_collections.ConfigDict, workdir: str, output: str
     Row i holds eval image i, then its reconstructions (paper Fig. 8 layout; with
     ``num_per_image=1`` and the pairs side by side it is Fig. 10). The pixels are
     drawn by ``sampling.sample`` with the latents fixed, so a PixelVAE's
-    reconstructions show what the latents keep and the decoder re-draws.
+    reconstructions show what the latents keep and the decoder re-draws. For a
+    hierarchical model only the top level is taken from q(z|x) (paper Fig. 8: the
+    levels below and the pixels are drawn from the prior given it), so the grid shows
+    what the top latents alone keep.
 
     Returns:
       ``output``, the PNG written.
@@ -296,15 +299,19 @@ def reconstructions(config: ml_collections.ConfigDict, workdir: str, output: str
                          f"and {num_per_image}")
     trainer, variables = _load(config, workdir)
     model = trainer.model
-    if not isinstance(model, models.PixelVAE):
-        raise ValueError(f"reconstructions need a one-level latent model, one of "
-                         f"{sorted(PIXELCNN_OF)}; got model.name={config.model.name!r}")
+    hierarchical = isinstance(model, models.HierarchicalPixelVAE)
+    if not isinstance(model, models.PixelVAE) and not hierarchical:
+        raise ValueError(f"reconstructions need a latent model, one of "
+                         f"{sorted(PIXELCNN_OF) + ['hierarchical']}; got "
+                         f"model.name={config.model.name!r}")
     originals = np.concatenate([b["image"][b["mask"] > 0] for b in _first_batches(
         trainer.eval_data, num_images)])[:num_images]
     key = jax.random.key(seed)
     x_rep = np.repeat(originals, num_per_image, axis=0)
     z = model.apply(variables, x_rep, method="posterior_sample",
                     rngs={"sample": jax.random.fold_in(key, 0)})
+    if hierarchical:
+        z = (None,) * (len(z) - 1) + (z[-1],)
     recon = np.asarray(sampling.sample(model, variables, jax.random.fold_in(key, 1),
                                        len(x_rep), temperature=temperature,
                                        fixed={"latents": z}))

@@ -71,3 +71,26 @@ def test_latent_space_needs_labelled_data(tmp_path):
     config = mnist.get_config("pixelvae")  # TFDS binarized_mnist: no labels.
     with pytest.raises(ValueError, match="needs class labels"):
         experiments.latent_space(config, str(tmp_path / "runs"), str(tmp_path / "results"))
+
+
+def test_hierarchical_reconstructions_hold_the_top_level(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from configs import imagenet64
+    from pvae_jax import train
+
+    config = imagenet64.get_config("tiny")
+    config.data.name = "photo_crops_local"  # Offline colour crops, resized to 16x16.
+    config.data.image_size = 16
+    config.num_train_steps = 2
+    config.checkpoint_every_steps = 2
+    config.num_eval_batches = 1
+    config.num_image_samples = 0
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+    path = experiments.reconstructions(config, str(tmp_path / "run"),
+                                       str(tmp_path / "r.png"), num_images=2,
+                                       num_per_image=2)
+    grid = np.asarray(Image.open(path))
+    # 2 rows of (original + 2 reconstructions) of 16x16 colour images, 1-pixel borders.
+    assert grid.shape == (2 * 17 + 1, 3 * 17 + 1, 3)
