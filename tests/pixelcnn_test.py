@@ -165,6 +165,20 @@ def test_shift_down_and_gate():
     np.testing.assert_allclose(g, np.tanh(x[..., :2]) / (1 + np.exp(-x[..., 2:])), rtol=1e-6)
 
 
+def test_gate_matches_tanh_times_sigmoid_for_either_sign_and_its_gradient():
+    x = np.random.default_rng(0).normal(scale=4.0, size=(3, 4, 5, 6)).astype(np.float32)
+    a, b = np.split(x.astype(np.float64), 2, axis=-1)
+    want = np.tanh(a) / (1 + np.exp(-b))
+    np.testing.assert_allclose(pc.gate(jnp.asarray(x)), want, atol=2e-7)
+    # d/db of tanh(a) sigmoid(b) is tanh(a) sigmoid(b) (1 - sigmoid(b)).
+    grad = jax.grad(lambda x: pc.gate(x).sum())(jnp.asarray(x))
+    sig = 1 / (1 + np.exp(-b))
+    np.testing.assert_allclose(grad[..., 3:], np.tanh(a) * sig * (1 - sig), atol=1e-6)
+    np.testing.assert_allclose(grad[..., :3], (1 - np.tanh(a) ** 2) * sig, atol=1e-6)
+    with pytest.raises(ValueError, match="even number of channels"):
+        pc.gate(jnp.zeros((1, 2, 2, 5)))
+
+
 _SHAPE_CASES = [
     (pc.MaskedConv(9, 3, "A", num_groups=3), (), 9),
     (pc.MaskedConv(4, 5, "B", stack="horizontal", gated=True, weight_norm=True), (), 8),
