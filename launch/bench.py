@@ -5,12 +5,21 @@
   python launch/bench.py --config=configs/mnist.py:gated_noup,offline --sampling \
       --output=/tmp/sampling.json --num_samples=64
   python launch/bench.py --config=configs/imagenet64.py --flops --output=/tmp/flops.json
+  python launch/bench.py --config=configs/mnist.py:gated_noup,offline --iwae \
+      --output=/tmp/iwae.json
+  python launch/bench.py --pyramid_vs_single --image_size=32 --num_samples=4 \
+      --output=/tmp/pyramid.json
 
 --train (the default mode) times train and eval steps on real data: see
 bench.run_benchmark for the keys. --sampling times the fast and reference samplers and
 one forward pass (bench.run_sampling_benchmark). --flops reports the forward FLOPs per
 image from XLA's cost analysis of the compiled forward, without data or training
-(bench.run_flops). Writes --output atomically and prints the same JSON.
+(bench.run_flops). --iwae times the importance-weighted NLL against a forward pass on
+the same decoder batch and measures its memory at 5,000 samples
+(evaluation.benchmark_iwae). --pyramid_vs_single times sampling a Pyramid PixelCNN
+against a single-scale PixelCNN++ of as many parameters at the same output size
+(sampling_auxiliary.sampling_speed; it needs no --config). Writes --output atomically
+and prints the same JSON.
 
 On Linux with glibc the script restarts itself once with tuned malloc settings
 (runtime.MALLOC_ENV: transparent huge pages for XLA:CPU's per-step buffers, one
@@ -23,7 +32,7 @@ import json
 from absl import app, flags
 from ml_collections import config_flags
 
-from pvae_jax import bench, fileio, runtime
+from pvae_jax import bench, evaluation, fileio, runtime, sampling_auxiliary
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:variant].",
                                           lock_config=True)
@@ -41,24 +50,41 @@ _FLOPS = flags.DEFINE_bool(
     "flops", False, "Report forward FLOPs per image from XLA's cost analysis only.")
 _FLOPS_BATCH = flags.DEFINE_integer(
     "flops_batch_size", 8, "Batch of the forward compiled for --flops.")
+_IWAE = flags.DEFINE_bool(
+    "iwae", False, "Time the importance-weighted NLL against a plain forward pass.")
+_IWAE_SAMPLES = flags.DEFINE_integer("iwae_samples", 100, "Importance samples per image.")
+_CHUNK_SIZE = flags.DEFINE_integer("chunk_size", 25, "Importance samples per chunk.")
+_PYRAMID = flags.DEFINE_bool(
+    "pyramid_vs_single", False, "Time a Pyramid PixelCNN's sampling against a PixelCNN++.")
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", 32, "Output side for --pyramid_vs_single.")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 64, "Images per sampler call.")
 _REFERENCE_SAMPLES = flags.DEFINE_integer(
     "reference_samples", None, "Time the reference sampler on fewer images and scale.")
 _CPU_DEVICES = flags.DEFINE_integer(
     "cpu_devices", None, "Virtual CPU devices on a CPU-only host (default: one per core).")
-flags.mark_flags_as_required(["config", "output"])
+flags.mark_flags_as_required(["output"])
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     modes = [m for m, on in (("--train", _TRAIN.value), ("--sampling", _SAMPLING.value),
-                             ("--flops", _FLOPS.value)) if on]
+                             ("--flops", _FLOPS.value), ("--iwae", _IWAE.value),
+                             ("--pyramid_vs_single", _PYRAMID.value)) if on]
     if len(modes) > 1:
-        raise app.UsageError(f"pick one of --train, --sampling, --flops; got {modes}")
-    name = config_flags.get_config_filename(flags.FLAGS["config"])
+        raise app.UsageError(f"pick one of --train, --sampling, --flops, --iwae, "
+                             f"--pyramid_vs_single; got {modes}")
+    if _CONFIG.value is None and not _PYRAMID.value:
+        raise app.UsageError("--config is required (except with --pyramid_vs_single)")
+    name = None if _PYRAMID.value else config_flags.get_config_filename(flags.FLAGS["config"])
 
     def run():
+        if _PYRAMID.value:
+            return sampling_auxiliary.sampling_speed(image_size=_IMAGE_SIZE.value,
+                                                     num_samples=_NUM_SAMPLES.value)
+        if _IWAE.value:
+            return evaluation.benchmark_iwae(_CONFIG.value, num_samples=_IWAE_SAMPLES.value,
+                                             chunk_size=_CHUNK_SIZE.value)
         if _FLOPS.value:
             return bench.run_flops(_CONFIG.value, batch_size=_FLOPS_BATCH.value,
                                    config_name=name)

@@ -209,3 +209,22 @@ def test_launcher_flops_mode(tmp_path):
          f"--output={tmp_path / 'x.json'}", "--flops", "--sampling"],
         cwd=_ROOT, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode != 0 and "pick one of" in proc.stderr
+
+
+def test_launcher_modes_iwae_and_pyramid_need_what_they_need(tmp_path):
+    base = [sys.executable, os.path.join(_ROOT, "launch", "bench.py")]
+    # Both modes at once, and a config-less mode other than --pyramid_vs_single, are
+    # refused before anything runs.
+    for args in (["--iwae", "--pyramid_vs_single"], ["--iwae"]):
+        proc = subprocess.run(base + args + [f"--output={tmp_path / 'x.json'}"], cwd=_ROOT,
+                              capture_output=True, text=True, timeout=300, check=False)
+        assert proc.returncode != 0 and not os.listdir(tmp_path), proc.stderr[-2000:]
+    output = tmp_path / "iwae.json"
+    proc = subprocess.run(
+        base + ["--config=" + os.path.join(_ROOT, "configs", "tiny.py"), "--iwae",
+                "--iwae_samples=50", "--chunk_size=25", f"--output={output}"],
+        cwd=_ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(output.read_text())
+    assert result["num_samples"] == 50 and result["chunk_size"] == 25
+    assert result["iwae_samples_per_sec"] > 0 and result["forward_images_per_sec"] > 0

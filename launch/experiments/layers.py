@@ -39,4 +39,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    runtime.reexec_with_malloc_tuning()
     app.run(main)
