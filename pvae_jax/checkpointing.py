@@ -50,7 +50,11 @@ class CheckpointError(RuntimeError):
 
 def _reason(e: BaseException) -> str:
     text = " ".join(str(e).split())
-    return f"{type(e).__name__}: {text[:400]}{'...' if len(text) > 400 else ''}"
+    # Storage errors repeat long paths and end with the OS's reason ("File too large",
+    # "No space left on device"): keep the head and that tail.
+    if len(text) > 400:
+        text = f"{text[:150]} ... {text[-240:]}"
+    return f"{type(e).__name__}: {text}"
 
 
 class Checkpointer:

@@ -363,7 +363,7 @@ def test_a_failing_save_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pat
                           check=False)
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert proc.stdout.startswith("CheckpointError: saving the checkpoint of step 6 in")
-    assert "File too large" in proc.stdout
+    assert "File too large" in proc.stdout, proc.stdout
     assert "The last complete checkpoint, step 3, is kept" in proc.stdout
     # It stopped by the next save (step 9) at the latest instead of training on unsaved.
     assert _train_records(workdir)[-1]["step"] <= 9
