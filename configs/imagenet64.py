@@ -37,14 +37,8 @@ def get_config(variant: str = ""):
     m = config.model
     m.name = "hierarchical"
     m.image_channels = 3
-    m.embed_features = 48
-    m.stem_features = 192
-    m.encoder_blocks = ("192 256d 256 512d 512 512 512", "512 512 512d 512 512 512d 512 512")
-    m.decoder_blocks = ("512 512 512 256u 256 192u 192", "512 512 512u 512 512 512u 512 512")
-    m.latent_channels = (64, 512)
-    m.latent_pixel_features = 512
-    m.latent_pixel_blocks = 3
-    m.norm = "batch"
+    # The encoders, decoders, latent sizes and latent PixelCNN are configs/default.py's
+    # hierarchical fields, which hold appendix E.2's values.
     m.pixel_embed_features = 48
     m.pixel_features = 384
     m.num_pixel_layers = 4  # The gated 5x5 input layer and 3 residual blocks.
