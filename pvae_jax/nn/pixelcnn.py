@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pvae_jax.nn import masks
+from pvae_jax.nn.conv import conv2d
 from pvae_jax.nn.resnet import weight_norm_kernel
 
 STACKS = ("full", "vertical", "horizontal")
@@ -106,10 +107,7 @@ class MaskedConv(nn.Module):
         if self.use_bias:
             params["bias"] = self.param("bias", nn.initializers.zeros, mask.shape[-1:])
         kernel, padding, bias = masked_conv_kernel(self, params, in_channels)
-        y = jax.lax.conv_general_dilated(
-            x_BxHxWxC, kernel.astype(x_BxHxWxC.dtype), (1, 1), padding,
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        )
+        y = conv2d(x_BxHxWxC, kernel.astype(x_BxHxWxC.dtype), padding)
         return y if bias is None else y + bias
 
 
@@ -131,7 +129,7 @@ def cropped_mask(conv: MaskedConv, in_channels: int):
     ch, cw = mask.shape[0] // 2, mask.shape[1] // 2
     r0, r1, c0, c1 = masks.support_box(mask)
     mask = mask[r0 : r1 + 1, c0 : c1 + 1]
-    return mask, ((ch - r0, r1 - ch), (cw - c0, c1 - cw))
+    return mask, ((int(ch - r0), int(r1 - ch)), (int(cw - c0), int(c1 - cw)))
 
 
 def masked_conv_kernel(conv: MaskedConv, params, in_channels: int):

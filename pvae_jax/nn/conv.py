@@ -1,0 +1,97 @@
+"""A stride-1 NHWC convolution whose weight gradient XLA:CPU computes fast.
+
+``conv2d(x, kernel, padding)`` is ``lax.conv_general_dilated`` with stride 1, NHWC
+input and HWIO kernel, the same forward pass and the same input gradient. Only the
+kernel gradient is computed another way. XLA:CPU lowers a convolution's kernel
+gradient to a convolution whose "kernel" is the whole output gradient and whose
+contraction runs over the batch alone, and runs it at 2-20 GFLOP/s, slower than the
+forward pass by 3-10x (measured on 2-core x86-64 for the 16-channel layers of the MNIST
+PixelVAE). Here the ``kh`` row offsets of the kernel are stacked as channels, so the
+gradient becomes a 1-D convolution along the columns that contracts over batch and
+rows together: 3-8x faster on those layers, the same sums in another order.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
+
+_DIMS_2D = ("NHWC", "HWIO", "NHWC")
+Padding = tuple[tuple[int, int], tuple[int, int]]
+
+
+def _forward(x_BxHxWxC, kernel_HxWxIxO, padding: Padding):
+    return jax.lax.conv_general_dilated(x_BxHxWxC, kernel_HxWxIxO, (1, 1), padding,
+                                        dimension_numbers=_DIMS_2D)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def conv2d(x_BxHxWxC: jax.Array, kernel_HxWxIxO: jax.Array, padding: Padding) -> jax.Array:
+    """``lax.conv_general_dilated(x, kernel, (1, 1), padding)`` in NHWC/HWIO/NHWC.
+
+    Forward and reverse mode both work (``jax.jvp``, ``jax.jacfwd``, ``jax.grad``).
+
+    Args:
+      x_BxHxWxC: the input.
+      kernel_HxWxIxO: the kernel, of the input's dtype.
+      padding: ``((top, bottom), (left, right))`` zeros added around the input
+        (ints >= 0).
+    """
+    if any(int(p) != p or p < 0 for pair in padding for p in pair) or len(padding) != 2:
+        raise ValueError(f"padding must be ((top, bottom), (left, right)) of ints >= 0, got "
+                         f"{padding!r}")
+    return _forward(x_BxHxWxC, kernel_HxWxIxO, padding)
+
+
+def _conv2d_jvp(padding, primals, tangents):
+    # The tangent is linear in (dx, dk); reverse mode transposes it.
+    x, kernel = primals
+    dx, dkernel = tangents
+    y = _forward(x, kernel, padding)
+    dy = jnp.zeros_like(y)
+    if not isinstance(dx, SymbolicZero):
+        dy = dy + _forward(dx, kernel, padding)
+    if not isinstance(dkernel, SymbolicZero):
+        dy = dy + _linear_in_kernel(x, dkernel, padding)
+    return y, dy
+
+
+conv2d.defjvp(_conv2d_jvp, symbolic_zeros=True)
+
+
+def _linear_in_kernel(x_BxHxWxC, dkernel_HxWxIxO, padding):
+    """conv(x, dkernel), written as the transpose of ``kernel_gradient(x, .)``: reverse
+    mode transposes it back, so the kernel's cotangent is ``kernel_gradient`` itself."""
+    y_shape = jax.eval_shape(lambda x, k: _forward(x, k, padding), x_BxHxWxC,
+                             dkernel_HxWxIxO)
+    (y,) = jax.linear_transpose(
+        lambda dy: kernel_gradient(x_BxHxWxC, dy, dkernel_HxWxIxO.shape, padding), y_shape
+    )(dkernel_HxWxIxO)
+    return y
+
+
+def kernel_gradient(x_BxHxWxC, dy_BxHoxWoxO, kernel_shape, padding: Padding) -> jax.Array:
+    """d/dkernel of ``sum(conv2d(x, kernel, padding) * dy)``, ``kernel_shape`` (HWIO).
+
+    dK[a, b, i, o] = sum_{n, r, c} x_pad[n, r + a, c + b, i] dy[n, r, c, o]. Stacking
+    the kh row offsets as channels gives R[n, r, c', (a, i)] = x_pad[n, r + a, c', i],
+    and with (n, r) merged into one axis that is a 1-D convolution over c of R (its
+    features (a, i) as the batch, (n, r) contracted) by dy (the "kernel" over c).
+    """
+    kh, kw, C, F = kernel_shape
+    (top, bottom), (left, right) = padding
+    B, Ho, Wo, _ = dy_BxHoxWoxO.shape
+    x_pad = jnp.pad(x_BxHxWxC, ((0, 0), (top, bottom), (left, right), (0, 0)))
+    rows = [x_pad[:, a : a + Ho] for a in range(kh)]
+    r_BxHoxWpxKC = jnp.concatenate(rows, axis=-1) if kh > 1 else rows[0]
+    Wp = r_BxHoxWpxKC.shape[2]
+    # As 1-D NWC convolution operands: batch (a, i), width c, features (n, r). Leaving
+    # the layouts to XLA ("CWN", "IWO") measured 10% slower than these transposes.
+    lhs_KCxWpxBH = r_BxHoxWpxKC.reshape(B * Ho, Wp, kh * C).transpose(2, 1, 0)
+    rhs_WoxBHxO = dy_BxHoxWoxO.reshape(B * Ho, Wo, F).transpose(1, 0, 2)
+    dk_KCxkwxO = jax.lax.conv_general_dilated(lhs_KCxWpxBH, rhs_WoxBHxO, (1,), ((0, 0),),
+                                              dimension_numbers=("NWC", "WIO", "NWC"))
+    return dk_KCxkwxO.reshape(kh, C, kw, F).transpose(0, 2, 1, 3).astype(dy_BxHoxWoxO.dtype)
