@@ -1,12 +1,13 @@
 """conv2d: the forward pass and both gradients of lax.conv_general_dilated, in forward
 and reverse mode, for the kernel and padding shapes the PixelCNN layers use."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pvae_jax.nn.conv import conv2d, kernel_gradient
+from pvae_jax.nn.conv import Conv, conv2d, kernel_gradient
 
 DIMS = ("NHWC", "HWIO", "NHWC")
 # (kernel h, w), padding: vertical stack, horizontal stack, 1x1, full, first layers.
@@ -74,3 +75,25 @@ def test_bad_padding_is_refused(padding):
     x, k, _ = _operands((1, 1))
     with pytest.raises(ValueError, match="padding"):
         conv2d(x, k, padding)
+
+
+@pytest.mark.parametrize("kwargs", [dict(kernel_size=(3, 3)), dict(kernel_size=(1, 1)),
+                                    dict(kernel_size=(3, 3), strides=2),
+                                    dict(kernel_size=(2, 3), padding="VALID"),
+                                    dict(kernel_size=(3, 3), kernel_dilation=2)])
+def test_flax_conv_with_the_drop_in_equals_flax_conv(kwargs):
+    """Conv (our convolution inside flax's nn.Conv) has nn.Conv's parameters, outputs
+    and gradients, whether the call goes to conv2d (stride 1) or on to lax."""
+    x = jax.random.normal(jax.random.key(2), (2, 7, 6, 3))
+    ours, theirs = Conv(5, **kwargs), nn.Conv(5, **kwargs)
+    params = theirs.init(jax.random.key(3), x)
+    assert jax.tree.structure(ours.init(jax.random.key(3), x)) == jax.tree.structure(params)
+
+    def loss(module):
+        return lambda p, x: jnp.sum(jnp.sin(module.apply(p, x)))
+
+    np.testing.assert_array_equal(ours.apply(params, x), theirs.apply(params, x))
+    got = jax.grad(loss(ours), argnums=(0, 1))(params, x)
+    want = jax.grad(loss(theirs), argnums=(0, 1))(params, x)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)

@@ -17,6 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from pvae_jax.nn.conv import Conv
+
 _he_init = nn.initializers.variance_scaling(2.0, "fan_in", "truncated_normal")
 
 
@@ -46,7 +48,7 @@ class Encoder(nn.Module):
         layers = [(f1, 1), (f1, 2), (f1, 1), (f2, 2), (f2, 1), (f2, 2), (f2, 1), (f2, 1), (f2, 1)]
         h = x_BxHxWxC
         for i, (features, stride) in enumerate(layers):
-            h = nn.relu(nn.Conv(features, (3, 3), (stride, stride), "SAME", kernel_init=_he_init,
+            h = nn.relu(Conv(features, (3, 3), (stride, stride), "SAME", kernel_init=_he_init,
                                 name=f"conv_{i}")(h))
         stats = nn.Dense(2 * self.latent_dim, name="out")(h.reshape(h.shape[0], -1))
         mean, log_std = jnp.split(stats, 2, axis=-1)
@@ -78,7 +80,7 @@ class Decoder(nn.Module):
                                      name=f"conv_{i}")(h)
                 h = h[:, : hs[stage], : ws[stage]]
             else:
-                h = nn.Conv(features, (3, 3), padding="SAME", kernel_init=_he_init,
+                h = Conv(features, (3, 3), padding="SAME", kernel_init=_he_init,
                             name=f"conv_{i}")(h)
             h = nn.relu(h)
         return h

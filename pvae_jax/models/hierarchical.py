@@ -37,6 +37,7 @@ import jax.numpy as jnp
 from pvae_jax import distributions
 from pvae_jax.models.pixelcnn import PixelDecoder, pixel_log_prob
 from pvae_jax.nn import pixelcnn as pc
+from pvae_jax.nn.conv import Conv
 from pvae_jax.nn.resnet import ResidualBlock
 
 _BLOCK = re.compile(r"^(\d+)([du]?)$")
@@ -179,13 +180,13 @@ class HierarchicalPixelVAE(nn.Module):
         sizes = level_sizes(self.image_hw, self.encoder_blocks)
         self.top_hw = sizes[-1]
         self.embed = nn.Embed(self.num_levels, self.embed_features)
-        self.stem = nn.Conv(self.stem_features, (1, 1))
+        self.stem = Conv(self.stem_features, (1, 1))
         self.encoders = [ResNet(b, self.norm) for b in self.encoder_blocks]
         self.decoders = [ResNet(b, self.norm) for b in self.decoder_blocks]
-        self.posterior_heads = [nn.Conv(2 * c, (1, 1)) for c in self.latent_channels[:-1]] + [
+        self.posterior_heads = [Conv(2 * c, (1, 1)) for c in self.latent_channels[:-1]] + [
             nn.Dense(2 * self.latent_channels[-1])]
         top_width = self.decoder_blocks[-1][0][0]
-        self.decoder_inputs = [nn.Conv(b[0][0], (1, 1)) for b in self.decoder_blocks[:-1]] + [
+        self.decoder_inputs = [Conv(b[0][0], (1, 1)) for b in self.decoder_blocks[:-1]] + [
             nn.Dense(math.prod(self.top_hw) * top_width)]
         self.priors = [LatentPixelCNN(**self.prior_fields(level))
                        for level in range(self.num_latent_levels - 1)]

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from pvae_jax import distributions
 from pvae_jax.models.conv_vae import scale_pixels
 from pvae_jax.nn import pixelcnn as pc
+from pvae_jax.nn.conv import Conv
 
 
 def logits_per_sub_pixel(num_levels: int) -> int:
@@ -82,7 +83,7 @@ class PixelDecoder(nn.Module):
         if self.num_layers == 0:
             if cond_map_BxHxWxD is None:
                 raise ValueError("a decoder with num_layers=0 needs a conditioning map")
-            out = nn.Conv(C * K, (1, 1), name="out")(cond_map_BxHxWxD)
+            out = Conv(C * K, (1, 1), name="out")(cond_map_BxHxWxD)
             return self._split(out)
         common = dict(num_groups=groups, weight_norm=self.weight_norm)
         x = self._trunk_input(x_BxHxWxC)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
@@ -95,3 +96,38 @@ def kernel_gradient(x_BxHxWxC, dy_BxHoxWoxO, kernel_shape, padding: Padding) -> 
     dk_KCxkwxO = jax.lax.conv_general_dilated(lhs_KCxWpxBH, rhs_WoxBHxO, (1,), ((0, 0),),
                                               dimension_numbers=("NWC", "WIO", "NWC"))
     return dk_KCxkwxO.reshape(kh, C, kw, F).transpose(0, 2, 1, 3).astype(dy_BxHoxWoxO.dtype)
+
+
+_NHWC = jax.lax.ConvDimensionNumbers((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                         rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
+                         batch_group_count=1, precision=None, preferred_element_type=None):
+    """A drop-in for ``lax.conv_general_dilated`` (flax: ``nn.Conv(...,
+    conv_general_dilated=conv_general_dilated)``) that sends the convolutions ``conv2d``
+    takes (2-D NHWC/HWIO, stride 1, no dilation or groups, one dtype) to ``conv2d``,
+    and every other one to lax unchanged."""
+    plain = (
+        lhs.ndim == 4 and rhs.ndim == 4 and lhs.dtype == rhs.dtype
+        and tuple(window_strides) == (1, 1)
+        and all(d == 1 for d in (lhs_dilation or ())) and all(d == 1 for d in (rhs_dilation or ()))
+        and feature_group_count == 1 and batch_group_count == 1
+        and precision is None and preferred_element_type is None
+        and jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == _NHWC
+    )
+    if plain:
+        pads = (jax.lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], (1, 1), padding)
+                if isinstance(padding, str) else padding)
+        pads = tuple((int(lo), int(hi)) for lo, hi in pads)
+        if all(p >= 0 for pair in pads for p in pair):
+            return conv2d(lhs, rhs, pads)
+    return jax.lax.conv_general_dilated(
+        lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+        feature_group_count=feature_group_count, batch_group_count=batch_group_count,
+        precision=precision, preferred_element_type=preferred_element_type)
+
+
+# flax's nn.Conv with the convolution above: the same module, parameters and names.
+Conv = functools.partial(nn.Conv, conv_general_dilated=conv_general_dilated)

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pvae_jax.nn import masks
-from pvae_jax.nn.conv import conv2d
+from pvae_jax.nn.conv import Conv, conv2d
 from pvae_jax.nn.resnet import weight_norm_kernel
 
 STACKS = ("full", "vertical", "horizontal")
@@ -176,7 +176,7 @@ class Conditioning(nn.Module):
             bias = bias + nn.Dense(self.features, name="vector")(vector_BxD)[:, None, None, :]
         if map_BxHxWxD is not None:
             k = masks.kernel_shape(self.map_kernel_size)
-            bias = bias + nn.Conv(self.features, k, padding="SAME", name="map")(map_BxHxWxD)
+            bias = bias + Conv(self.features, k, padding="SAME", name="map")(map_BxHxWxD)
         return bias
 
 

@@ -26,6 +26,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from pvae_jax.nn.conv import Conv
+
 SHIFTS = ("down", "down_right", "none")
 
 
@@ -85,7 +87,7 @@ class ShiftedConv(nn.Module):
             raise ValueError(f"a stride-2 conv needs even height and width, got "
                              f"{x_BxHxWxC.shape[1:3]}; use an image size divisible by "
                              "2 ** (num_stages - 1).")
-        return nn.Conv(self.features, self.kernel_size, strides=self.strides,
+        return Conv(self.features, self.kernel_size, strides=self.strides,
                        padding=_padding(self.shift, self.kernel_size))(x_BxHxWxC)
 
 
@@ -236,14 +238,14 @@ class EmbeddingNet(nn.Module):
 
     @nn.compact
     def __call__(self, x_BxHxWxC, train: bool = False):
-        h = nn.Conv(self.features, (3, 3))(x_BxHxWxC)
+        h = Conv(self.features, (3, 3))(x_BxHxWxC)
         for b in range(1, self.num_blocks + 1):
             h = GatedResnet("none", self.dropout_rate)(h, train=train)
             if b in self.down_after:
                 if h.shape[1] % 2 or h.shape[2] % 2:
                     raise ValueError(f"embedding downsampling after block {b} needs an even "
                                      f"size, got {h.shape[1:3]}; change down_after.")
-                h = nn.Conv(self.features, (3, 3), strides=2)(h)
+                h = Conv(self.features, (3, 3), strides=2)(h)
             if b in self.up_after:
-                h = nn.Conv(self.features, (3, 3))(upsample2(h))
+                h = Conv(self.features, (3, 3))(upsample2(h))
         return h

@@ -23,6 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from pvae_jax.nn.conv import Conv, conv_general_dilated
+
 NORMS = ("batch", "weight", "none")
 RESAMPLES = (None, "down", "up")
 
@@ -173,7 +175,7 @@ class WeightNormConv(nn.Module):
         g = self.param("g", lambda _: _initial_gain(v, mask))
         kernel = weight_norm_kernel(v, g, mask)
         x_BxHxWxC, kernel = nn.dtypes.promote_dtype(x_BxHxWxC, kernel)
-        y_BxHxWxF = jax.lax.conv_general_dilated(
+        y_BxHxWxF = conv_general_dilated(
             x_BxHxWxC,
             kernel,
             window_strides=_pair("strides", self.strides),
@@ -232,7 +234,7 @@ def make_conv(
     _check_choice("norm", norm, NORMS)
     if norm == "weight":
         return WeightNormConv(features, kernel_size, strides=strides, use_bias=use_bias, name=name)
-    return nn.Conv(
+    return Conv(
         features,
         (kernel_size, kernel_size),
         strides=(strides, strides),
