@@ -165,6 +165,24 @@ def test_shift_down_and_gate():
     np.testing.assert_allclose(g, np.tanh(x[..., :2]) / (1 + np.exp(-x[..., 2:])), rtol=1e-6)
 
 
+def test_row_above_dense_is_dense_of_the_shifted_input():
+    x = jax.random.normal(jax.random.key(1), (2, 5, 6, 8))
+    dense, row_above = nn.Dense(12), pc.RowAboveDense(12)
+    variables = dense.init(jax.random.key(0), x)
+    chex.assert_trees_all_equal(row_above.init(jax.random.key(0), x), variables)
+    # A non-zero bias: row 0 reads shift_down's zeros, so it must be the bias alone.
+    variables["params"]["bias"] = jax.random.normal(jax.random.key(2), (12,))
+    want = lambda v, x: dense.apply(v, pc.shift_down(x))
+    got = lambda v, x: row_above.apply(v, x)
+    np.testing.assert_allclose(got(variables, x), want(variables, x), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(got(variables, x)[:, 0], np.broadcast_to(
+        variables["params"]["bias"], (2, 6, 12)), rtol=1e-6)
+    loss = lambda f: lambda v, x: jnp.sum(jnp.sin(f(v, x)))
+    chex.assert_trees_all_close(jax.grad(loss(got), argnums=(0, 1))(variables, x),
+                                jax.grad(loss(want), argnums=(0, 1))(variables, x),
+                                rtol=1e-5, atol=1e-5)
+
+
 def test_gate_matches_tanh_times_sigmoid_for_either_sign_and_its_gradient():
     x = np.random.default_rng(0).normal(scale=4.0, size=(3, 4, 5, 6)).astype(np.float32)
     a, b = np.split(x.astype(np.float64), 2, axis=-1)

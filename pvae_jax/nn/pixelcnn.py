@@ -180,6 +180,26 @@ class Conditioning(nn.Module):
         return bias
 
 
+class RowAboveDense(nn.Module):
+    """``nn.Dense(features)(shift_down(x))``: the same parameters (``kernel``, ``bias``)
+    and the same values, row 0 included (it reads zeros, so it is the bias).
+
+    Computed as ``shift_down(x @ kernel) + bias``: the product then reads ``x`` itself,
+    not its shifted copy, and XLA:CPU no longer transposes the incoming gradient to
+    form the kernel's (7-11% of a gated_noup train step on 2-core x86-64).
+    """
+
+    features: int
+
+    @nn.compact
+    def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                            (x_BxHxWxC.shape[-1], self.features))
+        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        return shift_down(x_BxHxWxC @ kernel.astype(x_BxHxWxC.dtype)) + bias.astype(
+            x_BxHxWxC.dtype)
+
+
 class GatedStackLayer(nn.Module):
     """One layer of Gated PixelCNN: (v, h) -> (v, h), with optional conditioning.
 
@@ -219,7 +239,7 @@ class GatedStackLayer(nn.Module):
         h_pre = MaskedConv(stack="horizontal", mask_type=self.mask_type, name="horizontal",
                            **conv)(h_BxHxWxC)
         # Any horizontal channel may read the rows above, whatever its colour group.
-        h_pre = h_pre + nn.Dense(2 * self.features, name="v_to_h")(shift_down(v_pre))
+        h_pre = h_pre + RowAboveDense(2 * self.features, name="v_to_h")(v_pre)
         h_pre = h_pre + Conditioning(name="cond_h", **cond)(cond_vector_BxD, cond_map_BxHxWxD)
         h_out = MaskedConv(self.features, 1, "B", num_groups=self.num_groups,
                            weight_norm=self.weight_norm, name="h_out")(gate(h_pre))
