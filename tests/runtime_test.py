@@ -6,6 +6,8 @@ import platform
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 from pvae_jax import runtime
@@ -95,3 +97,28 @@ def test_reexec_restarts_the_script_with_its_arguments_and_the_settings(tmp_path
 def test_reexec_opt_out_keeps_the_process(tmp_path):
     lines = _run_probe(tmp_path, **{runtime.MALLOC_TUNING_VAR: "0"})
     assert lines == ["start", "['--flag=1', 'arg'] None"]
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc_trim is glibc's")
+def test_compiler_memory_is_released_after_each_compile_only(monkeypatch):
+    calls = []
+
+    class FakeLibc:
+        def malloc_trim(self, pad):
+            calls.append(pad)
+            return 1
+
+    monkeypatch.setattr(runtime.ctypes, "CDLL", lambda name: FakeLibc())
+    monkeypatch.setattr(runtime, "_trim_listener", None)
+    try:
+        assert runtime.release_compiler_memory()
+        listener = runtime._trim_listener
+        assert runtime.release_compiler_memory() and runtime._trim_listener is listener
+        jax.jit(lambda x: jnp.sin(x) * 3.0 + 0.25).lower(jnp.ones(7)).compile()
+        assert calls and set(calls) == {0}  # A real compile reports the event we listen to.
+        before = len(calls)
+        jax.monitoring.record_event_duration_secs("/jax/some/other/event", 1.0)
+        assert len(calls) == before
+    finally:
+        if runtime._trim_listener is not None:
+            jax.monitoring.unregister_event_duration_listener(runtime._trim_listener)
