@@ -40,6 +40,11 @@ MALLOC_TUNING_VAR = "PVAE_JAX_MALLOC_TUNING"
 _REEXECUTED_VAR = "PVAE_JAX_MALLOC_REEXECUTED"
 
 
+def on_glibc() -> bool:
+    """Linux with glibc, whose malloc the tunables and ``malloc_trim`` here are for."""
+    return sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+
+
 def malloc_tuning_env(environ: Mapping[str, str] | None = None,
                       script: str | None = None) -> dict[str, str] | None:
     """The environment to re-execute this process with for ``MALLOC_ENV``, or None when
@@ -56,7 +61,7 @@ def malloc_tuning_env(environ: Mapping[str, str] | None = None,
     """
     environ = os.environ if environ is None else environ
     script = (sys.argv[0] if sys.argv else "") if script is None else script
-    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+    if not on_glibc():
         return None
     if environ.get(MALLOC_TUNING_VAR, "1") == "0" or environ.get(_REEXECUTED_VAR):
         return None
@@ -104,7 +109,7 @@ def release_compiler_memory() -> bool:
     global _trim_listener
     if _trim_listener is not None:
         return True
-    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+    if not on_glibc():
         return False
     malloc_trim = ctypes.CDLL(None).malloc_trim
 

@@ -2,7 +2,6 @@
 
 import logging
 import os
-import platform
 import subprocess
 import sys
 
@@ -45,7 +44,7 @@ def test_library_info_logs_are_dropped_but_warnings_kept():
     assert quiet.filter(_record("/work/pvae_jax/train.py", logging.INFO))
 
 
-_GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+_GLIBC = runtime.on_glibc()
 
 
 @pytest.mark.skipif(not _GLIBC, reason="the malloc settings are for glibc on Linux")
@@ -99,7 +98,7 @@ def test_reexec_opt_out_keeps_the_process(tmp_path):
     assert lines == ["start", "['--flag=1', 'arg'] None"]
 
 
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc_trim is glibc's")
+@pytest.mark.skipif(not _GLIBC, reason="malloc_trim is glibc's")
 def test_compiler_memory_is_released_after_each_compile_only(monkeypatch):
     calls = []
 

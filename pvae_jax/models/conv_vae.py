@@ -49,7 +49,7 @@ class Encoder(nn.Module):
         h = x_BxHxWxC
         for i, (features, stride) in enumerate(layers):
             h = nn.relu(Conv(features, (3, 3), (stride, stride), "SAME", kernel_init=_he_init,
-                                name=f"conv_{i}")(h))
+                             name=f"conv_{i}")(h))
         stats = nn.Dense(2 * self.latent_dim, name="out")(h.reshape(h.shape[0], -1))
         mean, log_std = jnp.split(stats, 2, axis=-1)
         return mean, log_std
@@ -81,6 +81,6 @@ class Decoder(nn.Module):
                 h = h[:, : hs[stage], : ws[stage]]
             else:
                 h = Conv(features, (3, 3), padding="SAME", kernel_init=_he_init,
-                            name=f"conv_{i}")(h)
+                         name=f"conv_{i}")(h)
             h = nn.relu(h)
         return h

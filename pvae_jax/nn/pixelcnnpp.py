@@ -88,7 +88,7 @@ class ShiftedConv(nn.Module):
                              f"{x_BxHxWxC.shape[1:3]}; use an image size divisible by "
                              "2 ** (num_stages - 1).")
         return Conv(self.features, self.kernel_size, strides=self.strides,
-                       padding=_padding(self.shift, self.kernel_size))(x_BxHxWxC)
+                    padding=_padding(self.shift, self.kernel_size))(x_BxHxWxC)
 
 
 def _kernel(shift: str) -> tuple[int, int]:
