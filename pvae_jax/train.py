@@ -149,20 +149,14 @@ def train_step(state: TrainState, image_BxHxWxC, *, model, tx, config):
 
 def _accumulate_gradients(grad_fn, params, image_BxHxWxC, key, num_microbatches: int):
     """Mean loss, per-example outputs and mean gradient of ``grad_fn`` over
-    ``num_microbatches`` equal slices of the batch, run one after another.
-
-    Microbatch m takes the m-th slice of every device's part of the batch, so no
-    data moves between devices, and draws its noise from ``fold_in(key, m)``. The
-    loop is unrolled: XLA:CPU runs convolutions inside a while loop as generic ones,
-    several times slower (measured 3.4x on gated_noup).
+    ``num_microbatches`` equal slices of the batch (``_microbatch``), run one after
+    another; microbatch m draws its noise from ``fold_in(key, m)``. The loop is
+    unrolled: XLA:CPU runs convolutions inside a while loop as generic ones, several
+    times slower (measured 3.4x on gated_noup).
     """
-    B = image_BxHxWxC.shape[0]
-    n = jax.device_count()  # The batch is sharded over all devices (Trainer's mesh).
-    micro = B // (n * num_microbatches)
-    image_NxMxbx = image_BxHxWxC.reshape(n, num_microbatches, micro, *image_BxHxWxC.shape[1:])
     losses, outs, grads = [], [], None
     for m in range(num_microbatches):
-        image_mx = image_NxMxbx[:, m].reshape(n * micro, *image_BxHxWxC.shape[1:])
+        image_mx = _microbatch(image_BxHxWxC, m, num_microbatches)
         if grads is not None:
             image_mx = _after(grads, image_mx)
         (loss, (out, _)), g = grad_fn(params, image_mx, jax.random.fold_in(key, m))
@@ -174,6 +168,17 @@ def _accumulate_gradients(grad_fn, params, image_BxHxWxC, key, num_microbatches:
     return sum(losses) / num_microbatches, out, grads
 
 
+def _microbatch(x_Bx, m: int, num_microbatches: int):
+    """The m-th of ``num_microbatches`` slices of a batch sharded over all devices: the
+    m-th slice of every device's part, so that no data moves between devices."""
+    if num_microbatches == 1:
+        return x_Bx
+    n = jax.device_count()  # The batch is sharded over all devices (Trainer's mesh).
+    B = x_Bx.shape[0]
+    x_NxMxbx = x_Bx.reshape(n, num_microbatches, B // (n * num_microbatches), *x_Bx.shape[1:])
+    return x_NxMxbx[:, m].reshape(B // num_microbatches, *x_Bx.shape[1:])
+
+
 def _after(tree, x):
     """``x``, made to depend on every leaf of ``tree``, so that XLA finishes ``tree``
     before it starts on anything that reads ``x``.
@@ -181,20 +186,34 @@ def _after(tree, x):
     Without it XLA schedules all microbatches' forward passes first and keeps every
     activation alive (no memory saved). It is a select on a NaN test of the leaves'
     first elements, which XLA cannot fold (``optimization_barrier`` does not order
-    work on XLA:CPU): ``x`` unless a gradient is NaN, and then the step is rejected
-    anyway. Applied to the image, not the parameters: one consumer, so XLA's fusion
-    does not copy the test into every use of every parameter (which made a 2-microbatch
-    gated_noup step compile 12x slower).
+    work on XLA:CPU): ``x`` unless one is NaN, and then the result is NaN anyway (a
+    train step with a NaN gradient is rejected). Applied to the image, not the
+    parameters: one consumer, so XLA's fusion does not copy the test into every use of
+    every parameter (which made a 2-microbatch gated_noup step compile 7x slower).
     """
     probe = sum(leaf.reshape(-1)[0].astype(jnp.float32) for leaf in jax.tree.leaves(tree))
     return jnp.where(jnp.isnan(probe), jnp.zeros_like(x), x)
 
 
-def eval_step(params, model_state, batch, key, *, model):
-    """Sums over the real (mask 1) examples of a batch, with the KL weight at 1."""
+def eval_step(params, model_state, batch, key, *, model, num_microbatches: int = 1):
+    """Sums over the real (mask 1) examples of a batch, with the KL weight at 1.
+
+    With ``num_microbatches`` > 1 the batch is evaluated in that many slices, one
+    after another, as the train step does, for a fraction of the memory."""
     variables = {"params": params, **model_state}
-    out = model.apply(variables, batch["image"], train=False, rngs={"sample": key})
-    mask_B = batch["mask"]
+    totals = None
+    for m in range(num_microbatches):
+        image = _microbatch(batch["image"], m, num_microbatches)
+        if totals is not None:
+            image = _after(totals, image)
+        sums = _eval_sums(model, variables, image, _microbatch(batch["mask"], m, num_microbatches),
+                          key if num_microbatches == 1 else jax.random.fold_in(key, m))
+        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    return totals
+
+
+def _eval_sums(model, variables, image_BxHxWxC, mask_B, key):
+    out = model.apply(variables, image_BxHxWxC, train=False, rngs={"sample": key})
     sums = {"nll_bound": out["loss"], "recon": out["recon"], "kl": out["kl"]}
     # Models made of several factors (the auxiliary-variable PixelCNNs) report each
     # factor's NLL as 'nll_<factor>'; it is averaged like the bound.
@@ -220,10 +239,12 @@ class Trainer:
                     f"config.{field}={config[field]} does not divide by the {n} devices; "
                     f"use a multiple of {n}.")
         num = config.num_microbatches
-        if not isinstance(num, int) or num < 1 or config.batch_size % (n * num):
+        if (not isinstance(num, int) or num < 1 or config.batch_size % (n * num)
+                or config.eval_batch_size % (n * num)):
             raise ValueError(
                 f"config.num_microbatches={num!r} must be an int >= 1 that divides each "
-                f"device's part of the batch ({config.batch_size} / {n} devices)")
+                f"device's part of the batch and of the eval batch ({config.batch_size} "
+                f"and {config.eval_batch_size} over {n} devices)")
         # Auto axes: XLA propagates the batch sharding through any reshape a model
         # makes (explicit axes would need an out_sharding on each).
         self.mesh = jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
@@ -238,7 +259,7 @@ class Trainer:
             in_shardings=(self.replicated, self.batch_sharding),
             out_shardings=(self.replicated, self.replicated), donate_argnums=0)
         self.eval_step = jax.jit(
-            functools.partial(eval_step, model=self.model),
+            functools.partial(eval_step, model=self.model, num_microbatches=num),
             in_shardings=(self.replicated, self.replicated, self.batch_sharding, None),
             out_shardings=self.replicated)
 

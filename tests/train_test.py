@@ -219,15 +219,20 @@ def test_microbatches_give_the_gradient_of_the_whole_batch(num_microbatches):
     image = jnp.asarray(np.random.default_rng(0).integers(0, 2, (8, 28, 28, 1)), jnp.uint8)
     results = []
     for num in (1, num_microbatches):
-        config = _config(**{"model.name": "gated_pixelcnn", "num_microbatches": num})
+        config = _config(**{"model.name": "gated_pixelcnn", "num_microbatches": num,
+                            "eval_batch_size": 8})
         trainer = train.Trainer(config)
         state = trainer.init_state(jax.random.key(0))
         step = _sgd_step(config, trainer)
         new_state, metrics = step(state, trainer.put({"image": image})["image"])
         grads = jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b),
                              jax.device_get(state.params), jax.device_get(new_state.params))
-        results.append((jax.device_get(metrics), grads))
-    (whole, whole_grads), (micro, micro_grads) = results
+        batch = trainer.put({"image": image, "mask": np.array([1.0] * 6 + [0.0] * 2)})
+        sums = trainer.eval_step(state.params, state.model_state, batch, jax.random.key(1))
+        results.append((jax.device_get(metrics), grads, jax.device_get(sums)))
+    (whole, whole_grads, whole_sums), (micro, micro_grads, micro_sums) = results
+    assert micro_sums["count"] == whole_sums["count"] == 6
+    np.testing.assert_allclose(micro_sums["nll_bound"], whole_sums["nll_bound"], rtol=1e-5)
     for key in ("train/loss", "train/recon", "train/grad_norm"):
         np.testing.assert_allclose(micro[key], whole[key], rtol=1e-5)
     assert whole["train/grad_norm"] > 0
@@ -240,13 +245,16 @@ def test_microbatches_cut_the_step_memory():
     # or XLA keeps every microbatch's activations alive at once.
     temps = {}
     for num in (1, 4):
-        config = _config(batch_size=64, num_microbatches=num)
+        config = _config(batch_size=64, eval_batch_size=64, num_microbatches=num)
         trainer = train.Trainer(config)
         state = trainer.init_state(jax.random.key(0))
         image = trainer.put({"image": np.zeros((64, 28, 28, 1), np.uint8)})["image"]
-        compiled = trainer.train_step.lower(state, image).compile()
-        temps[num] = compiled.memory_analysis().temp_size_in_bytes
-    assert temps[4] < 0.5 * temps[1], temps
+        batch = {"image": image, "mask": trainer.put({"mask": np.ones(64)})["mask"]}
+        compiled = [trainer.train_step.lower(state, image).compile(),
+                    trainer.eval_step.lower(state.params, {}, batch, jax.random.key(1)).compile()]
+        temps[num] = [c.memory_analysis().temp_size_in_bytes for c in compiled]
+    assert temps[4][0] < 0.5 * temps[1][0], temps  # train step
+    assert temps[4][1] < 0.5 * temps[1][1], temps  # eval step
 
 
 def test_microbatches_refuse_what_they_cannot_do():
