@@ -79,7 +79,8 @@ def get_config() -> ml_collections.ConfigDict:
     # 5 microbatches of 10 images per device, 0.84x the step time, 88 instead of
     # 425 MB of temporaries per device); on accelerators, which want large batches,
     # keep 1. Each microbatch adds a copy of the step to the compiled program
-    # (compile time grows about linearly). It must divide batch_size / devices, and
+    # (compile time grows about linearly). The eval step sums its batch slice by slice
+    # too. It must divide batch_size / devices and eval_batch_size / devices, and
     # models with batch statistics (norm='batch') need 1.
     config.num_microbatches = 1
     config.eval_batch_size = 500
