@@ -9,6 +9,9 @@ forward pass by 3-10x (measured on 2-core x86-64 for the 16-channel layers of th
 PixelVAE). Here the ``kh`` row offsets of the kernel are stacked as channels, so the
 gradient becomes a 1-D convolution along the columns that contracts over batch and
 rows together: 3-8x faster on those layers, the same sums in another order.
+
+Since 2026-12-02 only 1x1 kernels take that path: for every other kernel XLA's own
+kernel gradient measured faster in whole train steps (see ``_conv2d_jvp``).
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ def _conv2d_jvp(padding, primals, tangents):
         # Only 1x1 kernels take the kernel gradient below: for every other kernel of the
         # package XLA's own one measured faster in whole train steps (2026-12-02,
         # alternated in one process: gated_noup 0.77x the step time, gated_pixelvae
-        # 0.79x, imagenet64:tiny 0.87x), while XLA's own for 1x1 kernels was 1.10x.
+        # 0.79-0.88x, imagenet64:tiny 0.87x), while XLA's own for 1x1 kernels was 1.10x.
         if dkernel.shape[:2] == (1, 1):
             dy = dy + _linear_in_kernel(x, dkernel, padding)
         else:
