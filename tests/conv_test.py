@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from pvae_jax.nn.conv import Conv, conv2d, kernel_gradient
 
@@ -44,7 +45,7 @@ def test_forward_and_reverse_mode_equal_the_lax_convolution(kernel_hw, padding):
                                rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("kernel_hw, padding", CASES[:2])
+@pytest.mark.parametrize("kernel_hw, padding", CASES[:3])
 def test_forward_mode_and_jacobians(kernel_hw, padding):
     x, k, _ = _operands(kernel_hw, seed=1, shape=(1, 3, 4, 2), out=2)
     tangents = (0.3 * x, -0.7 * k)
@@ -68,6 +69,27 @@ def test_gradients_under_vmap_and_only_where_asked():
     dx = jax.grad(lambda x: jnp.sum(conv2d(x, k, padding) ** 2))(x[0])
     np.testing.assert_array_equal(dx, jax.grad(
         lambda x: jnp.sum(_lax_conv(x, k, padding) ** 2))(x[0]))
+
+
+@pytest.mark.parametrize("kernel_hw, padding", CASES[:3])
+def test_gradients_under_shard_map_with_a_replicated_kernel(kernel_hw, padding):
+    """Data parallelism written with shard_map: the batch split over the devices, the
+    kernel replicated. Its gradient (summed over the devices by the transpose of the
+    kernel's implicit broadcast) and the input's are lax's."""
+    mesh = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    x, k, kd = _operands(kernel_hw, shape=(4, 6, 5, 4))
+    dy = jax.random.normal(kd, _lax_conv(x, k, padding).shape)
+
+    def loss(conv):
+        def local(x, k, dy):
+            return jax.lax.psum(jnp.sum(conv(x, k, padding) * dy), "data")
+        return jax.shard_map(local, mesh=mesh, in_specs=(P("data"), P(), P("data")),
+                             out_specs=P())
+
+    got = jax.jit(jax.grad(loss(conv2d), argnums=(0, 1)))(x, k, dy)
+    want = jax.jit(jax.grad(loss(_lax_conv), argnums=(0, 1)))(x, k, dy)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("padding", [((-1, 0), (0, 0)), ((0, 0),), ((0.5, 0), (0, 0))])

@@ -76,12 +76,28 @@ conv2d.defjvp(_conv2d_jvp, symbolic_zeros=True)
 def _linear_in_kernel(x_BxHxWxC, dkernel_HxWxIxO, padding):
     """conv(x, dkernel), written as the transpose of ``kernel_gradient(x, .)``: reverse
     mode transposes it back, so the kernel's cotangent is ``kernel_gradient`` itself."""
+    # Under shard_map, x (a batch shard) and the tangent of a replicated kernel vary
+    # over different mesh axes; the transpose needs both typed alike, as lax's rules do
+    # implicitly (reverse mode then sums the kernel's cotangent over those axes).
+    vma = _varying(x_BxHxWxC) | _varying(dkernel_HxWxIxO)
+    x_BxHxWxC, dkernel_HxWxIxO = (_vary(t, vma) for t in (x_BxHxWxC, dkernel_HxWxIxO))
     y_shape = jax.eval_shape(lambda x, k: _forward(x, k, padding), x_BxHxWxC,
                              dkernel_HxWxIxO)
     (y,) = jax.linear_transpose(
         lambda dy: kernel_gradient(x_BxHxWxC, dy, dkernel_HxWxIxO.shape, padding), y_shape
     )(dkernel_HxWxIxO)
     return y
+
+
+def _varying(t) -> frozenset:
+    """The mesh axes over which ``t`` varies (inside shard_map; elsewhere none)."""
+    return jax.typeof(t).manual_axis_type.varying
+
+
+def _vary(t, vma: frozenset):
+    """``t``, typed as varying over the mesh axes ``vma`` too."""
+    missing = tuple(sorted(vma - _varying(t)))
+    return jax.lax.pcast(t, missing, to="varying") if missing else t
 
 
 def kernel_gradient(x_BxHxWxC, dy_BxHoxWoxO, kernel_shape, padding: Padding) -> jax.Array:
