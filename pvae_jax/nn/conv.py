@@ -91,13 +91,19 @@ def _linear_in_kernel(x_BxHxWxC, dkernel_HxWxIxO, padding):
 
 def _varying(t) -> frozenset:
     """The mesh axes over which ``t`` varies (inside shard_map; elsewhere none)."""
-    return jax.typeof(t).manual_axis_type.varying
+    aval = jax.typeof(t)
+    axis_type = getattr(aval, "manual_axis_type", None)  # jax >= 0.10; before: .vma
+    return axis_type.varying if axis_type is not None else frozenset(aval.vma)
 
 
 def _vary(t, vma: frozenset):
     """``t``, typed as varying over the mesh axes ``vma`` too."""
     missing = tuple(sorted(vma - _varying(t)))
-    return jax.lax.pcast(t, missing, to="varying") if missing else t
+    if not missing:
+        return t
+    if hasattr(jax.lax, "pcast"):  # jax >= 0.10; before: pvary
+        return jax.lax.pcast(t, missing, to="varying")
+    return jax.lax.pvary(t, missing)
 
 
 def kernel_gradient(x_BxHxWxC, dy_BxHoxWoxO, kernel_shape, padding: Padding) -> jax.Array:
