@@ -185,8 +185,9 @@ class RowAboveDense(nn.Module):
     and the same values, row 0 included (it reads zeros, so it is the bias).
 
     Computed as ``shift_down(x @ kernel) + bias``: the product then reads ``x`` itself,
-    not its shifted copy, and XLA:CPU no longer transposes the incoming gradient to
-    form the kernel's (6-11% of a gated_noup train step on 2-core x86-64).
+    not its shifted copy, and the transposed copy of the incoming gradient that XLA:CPU
+    makes to form the kernel's gradient shrank from 12% to 4% of a gated_noup train
+    step (2-core Zen 3; 3.7% on Zen 5), which ran in 0.89-0.94x the time.
     """
 
     features: int
