@@ -76,8 +76,9 @@ def test_gradients_under_shard_map_with_a_replicated_kernel(kernel_hw, padding):
     """Data parallelism written with shard_map: the batch split over the devices, the
     kernel replicated. Its gradient (summed over the devices by the transpose of the
     kernel's implicit broadcast) and the input's are lax's."""
-    mesh = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-    x, k, kd = _operands(kernel_hw, shape=(4, 6, 5, 4))
+    n = jax.device_count()  # Two virtual CPU devices under the tests' conftest.
+    mesh = jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    x, k, kd = _operands(kernel_hw, shape=(2 * n, 6, 5, 4))
     dy = jax.random.normal(kd, _lax_conv(x, k, padding).shape)
 
     def loss(conv):
