@@ -77,8 +77,8 @@ def get_config() -> ml_collections.ConfigDict:
     # the same update up to rounding, with about 1/num_microbatches of the activation
     # memory (gated_noup on 2 CPU devices, 5 microbatches of 10 images per device: 67
     # instead of 338 MB of temporaries per device). Whether it is also faster depends
-    # on the machine's caches: on a Zen 3 CPU the step took 0.84x the time, on a Zen 5
-    # 1.07x (README, Performance). Each microbatch adds a copy of the step to the
+    # on the machine's caches: on Zen 3 CPUs the step took 0.65-0.84x the time, on a
+    # Zen 5 1.07x (README, Performance). Each microbatch adds a copy of the step to the
     # compiled program (compile time grows about linearly). The eval step sums its
     # batch slice by slice too. It must divide batch_size / devices and
     # eval_batch_size / devices, and models with batch statistics (norm='batch') need 1.
