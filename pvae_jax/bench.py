@@ -28,6 +28,7 @@ import numpy as np
 
 from pvae_jax import data, models, sampling, train
 from pvae_jax.data import pipeline
+from pvae_jax.nn import cpu_kernels
 
 
 def _peak_rss_bytes() -> int:
@@ -174,6 +175,8 @@ def _context(config: ml_collections.ConfigDict, config_name: str | None,
         "local_device_count": jax.local_device_count(),
         "process_count": jax.process_count(),
         "jax_version": jax.__version__,
+        # Whether conv2d's kernel gradients ran on the compiled CPU kernel.
+        "cpu_kernels": device.platform == "cpu" and cpu_kernels.registered(),
         "python_version": platform.python_version(),
         "cpu_count": os.cpu_count(),
         "cpu_affinity_count": affinity,

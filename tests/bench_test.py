@@ -27,7 +27,8 @@ _POSITIVE = ("setup_seconds", "first_batch_seconds", "train_seconds", "train_ste
 _CONTEXT = ("config_name", "config", "model_name", "dataset_name", "batch_size",
             "eval_batch_size", "image_shape", "num_levels", "worker_count", "device_platform",
             "device_kind", "device_count", "local_device_count", "process_count",
-            "jax_version", "python_version", "cpu_count", "cpu_affinity_count", "machine",
+            "jax_version", "cpu_kernels", "python_version", "cpu_count", "cpu_affinity_count",
+            "machine",
             "timestamp", "num_steps", "warmup_steps", "num_eval_batches",
             "device_memory_stats", "model_flops_per_image", "train_gflops_per_sec",
             "input_wait_fraction", "compile_seconds", "train_loss_last")
@@ -47,6 +48,7 @@ def _check_schema(result, config, num_steps, num_eval_batches, device_count):
         value = result["compile_seconds"][key]
         assert math.isfinite(value) and value > 0, (key, value)
     assert 0.0 <= result["input_wait_fraction"] <= 1.0
+    assert result["cpu_kernels"] is True  # the tests run on the CPU, with a compiler
     assert result["train_page_faults_per_step"] >= 0
     assert math.isfinite(result["train_loss_last"])
     assert math.isclose(result["train_images_per_sec"],

@@ -1,18 +1,24 @@
-"""A stride-1 NHWC convolution whose 1x1 weight gradient XLA:CPU computes fast.
+"""A stride-1 NHWC convolution whose kernel gradient is ours, fast on XLA:CPU.
 
 ``conv2d(x, kernel, padding)`` is ``lax.conv_general_dilated`` with stride 1, NHWC
-input and HWIO kernel, the same forward pass and the same input gradient. For 1x1
-kernels the kernel gradient is computed another way (``kernel_gradient``); every other
-kernel keeps XLA's own, which measured faster in whole train steps since 2026-12-02
-(see ``_conv2d_jvp``). XLA:CPU lowers a kernel gradient to a convolution whose
-"kernel" is the whole output gradient and whose contraction runs over the batch alone:
-28 ms for a 32-channel 1x1 layer at batch 50 (2-core Zen 3), against 3.7 ms here.
-``kernel_gradient`` instead stacks the kernel's ``kh`` row offsets as channels (one
-row for a 1x1 kernel), so the gradient becomes a 1-D convolution along the columns
-that contracts over batch and rows together: the same sums in another order. It is
-written for any kernel shape and tested against lax for all of them.
+input and HWIO kernel, the same forward pass and the same input gradient. XLA:CPU
+lowers a kernel gradient to a convolution whose "kernel" is the whole output gradient
+and whose contraction runs over the batch alone, 3-8x slower than the forward pass on
+the 16- and 32-channel layers of the gated PixelCNNs. ``conv2d``'s kernel gradient is
+instead, on the CPU:
 
-Forward and reverse mode both work, also under ``shard_map`` with a replicated kernel.
+- the compiled kernel of ``cpu_kernels.py`` (float32), where it can be built: a
+  gated_noup train step (2-core Zen 3) ran in 0.48x the time with it;
+- else, for 1x1 kernels, ``kernel_gradient``, which stacks the kernel's ``kh`` row
+  offsets as channels so that the gradient becomes a 1-D convolution along the
+  columns contracting over batch and rows together (28 ms -> 3.7 ms for a 32-channel
+  1x1 layer at batch 50); it is written, and tested, for any kernel shape;
+- else XLA's own, which measured faster in whole train steps than ``kernel_gradient``
+  for the larger kernels (since 2026-12-02).
+
+On other platforms it is XLA's own, except ``kernel_gradient`` for 1x1 kernels.
+Forward and reverse mode, and every order of derivative, work, also under ``vmap``
+and under ``shard_map`` with a replicated kernel.
 """
 
 from __future__ import annotations
@@ -23,6 +29,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
+
+from pvae_jax.nn import cpu_kernels
 
 _DIMS_2D = ("NHWC", "HWIO", "NHWC")
 Padding = tuple[tuple[int, int], tuple[int, int]]
@@ -60,34 +70,135 @@ def _conv2d_jvp(padding, primals, tangents):
     if not isinstance(dx, SymbolicZero):
         dy = dy + _forward(dx, kernel, padding)
     if not isinstance(dkernel, SymbolicZero):
-        # Only 1x1 kernels take the kernel gradient below: for every other kernel of the
-        # package XLA's own one measured faster in whole train steps (2026-12-02,
-        # alternated in one process: gated_noup 0.77x the step time, gated_pixelvae
-        # 0.79-0.88x, imagenet64:tiny 0.87x), while XLA's own for 1x1 kernels was 1.10x.
-        if dkernel.shape[:2] == (1, 1):
-            dy = dy + _linear_in_kernel(x, dkernel, padding)
-        else:
-            dy = dy + _forward(x, dkernel, padding)
+        # Under shard_map, x (a batch shard) and the tangent of a replicated kernel vary
+        # over different mesh axes; the primitive needs both typed alike, as lax's own
+        # rules do implicitly (reverse mode then sums the kernel's cotangent over them).
+        vma = _varying(x) | _varying(dkernel)
+        dy = dy + _conv_in_kernel_p.bind(_vary(x, vma), _vary(dkernel, vma), padding=padding)
     return y, dy
 
 
 conv2d.defjvp(_conv2d_jvp, symbolic_zeros=True)
 
 
-def _linear_in_kernel(x_BxHxWxC, dkernel_HxWxIxO, padding):
-    """conv(x, dkernel), written as the transpose of ``kernel_gradient(x, .)``: reverse
-    mode transposes it back, so the kernel's cotangent is ``kernel_gradient`` itself."""
-    # Under shard_map, x (a batch shard) and the tangent of a replicated kernel vary
-    # over different mesh axes; the transpose needs both typed alike, as lax's rules do
-    # implicitly (reverse mode then sums the kernel's cotangent over those axes).
-    vma = _varying(x_BxHxWxC) | _varying(dkernel_HxWxIxO)
-    x_BxHxWxC, dkernel_HxWxIxO = (_vary(t, vma) for t in (x_BxHxWxC, dkernel_HxWxIxO))
-    y_shape = jax.eval_shape(lambda x, k: _forward(x, k, padding), x_BxHxWxC,
-                             dkernel_HxWxIxO)
-    (y,) = jax.linear_transpose(
-        lambda dy: kernel_gradient(x_BxHxWxC, dy, dkernel_HxWxIxO.shape, padding), y_shape
-    )(dkernel_HxWxIxO)
-    return y
+# conv2d's derivative in its kernel goes through two primitives of its own, so that
+# its kernel gradient is ours: _conv_in_kernel_p, conv(x, dkernel) (the tangent;
+# lax's convolution), and _kernel_gradient_p (as lax would, but 1x1 kernels by
+# kernel_gradient). Both are bilinear and each transposes to the other, so every order
+# of derivative works; the first-order kernel gradient, the one training needs, is
+# _fast_kernel_gradient, which takes the compiled kernel on the CPU.
+
+
+def _conv_in_kernel(x_BxHxWxC, dkernel_HxWxIxO, *, padding):
+    return _forward(x_BxHxWxC, dkernel_HxWxIxO, padding)
+
+
+def _kernel_gradient(x_BxHxWxC, dy_BxHoxWoxO, *, kernel_shape, padding):
+    """XLA's own kernel gradient (lax's, transposed), except for 1x1 kernels, which
+    ``kernel_gradient`` computes 7x faster on XLA:CPU (see the module docstring)."""
+    if kernel_shape[:2] == (1, 1):
+        return kernel_gradient(x_BxHxWxC, dy_BxHoxWoxO, kernel_shape, padding)
+    (dk,) = jax.linear_transpose(lambda k: _forward(x_BxHxWxC, k, padding),
+                                 jax.ShapeDtypeStruct(kernel_shape, dy_BxHoxWoxO.dtype))(
+        dy_BxHoxWoxO)
+    return dk
+
+
+def _cpu_kernel_gradient(x_BxHxWxC, dy_BxHoxWoxO, *, kernel_shape, padding):
+    """On the CPU: the compiled kernel of ``cpu_kernels.py`` for float32 where it is
+    built (3.4x faster than XLA's for a vertical stack's 3x5 kernel), else as above."""
+    if dy_BxHoxWoxO.dtype != jnp.float32 or not cpu_kernels.registered():
+        return _kernel_gradient_p.bind(x_BxHxWxC, dy_BxHoxWoxO, kernel_shape=kernel_shape,
+                                       padding=padding)
+    # Inside shard_map every device computes its own part: no partitioning to do.
+    return cpu_kernels.kernel_gradient(x_BxHxWxC, dy_BxHoxWoxO, kernel_shape, padding,
+                                       partitioned=not _varying(dy_BxHoxWoxO))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
+def _fast_kernel_gradient(x_BxHxWxC, dy_BxHoxWoxO, kernel_shape, padding):
+    """``_kernel_gradient_p``, by the compiled kernel when this runs on the CPU. Its
+    derivatives, and its batched form under vmap, are ``_kernel_gradient_p``'s."""
+    params = dict(kernel_shape=kernel_shape, padding=padding)
+    xla = functools.partial(_kernel_gradient_p.bind, **params)
+
+    @jax.custom_batching.custom_vmap
+    def by_platform(x, dy):
+        return jax.lax.platform_dependent(
+            x, dy, cpu=functools.partial(_cpu_kernel_gradient, **params), default=xla)
+
+    @by_platform.def_vmap
+    def _(axis_size, in_batched, x, dy):
+        # The compiled kernel has no batched form.
+        axes = tuple(0 if b else None for b in in_batched)
+        return jax.vmap(xla, in_axes=axes)(x, dy), True
+
+    return by_platform(x_BxHxWxC, dy_BxHoxWoxO)
+
+
+@_fast_kernel_gradient.defjvp
+def _fast_kernel_gradient_jvp(kernel_shape, padding, primals, tangents):
+    x, dy = primals
+    dx, ddy = tangents
+    params = dict(kernel_shape=kernel_shape, padding=padding)
+    out = _fast_kernel_gradient(x, dy, kernel_shape, padding)
+    return out, (_kernel_gradient_p.bind(dx, dy, **params)
+                 + _kernel_gradient_p.bind(x, ddy, **params))
+
+
+def _abstract_like(aval, like, shape):
+    # Laid out, sharded and varying (under shard_map) like ``like``.
+    return like.update(shape=tuple(shape), dtype=aval.dtype, weak_type=False)
+
+
+def _conv_in_kernel_abstract(x, dkernel, *, padding):
+    y = jax.eval_shape(functools.partial(_forward, padding=padding),
+                       jax.ShapeDtypeStruct(x.shape, x.dtype),
+                       jax.ShapeDtypeStruct(dkernel.shape, dkernel.dtype))
+    return _abstract_like(y, x, y.shape)
+
+
+def _kernel_gradient_abstract(x, dy, *, kernel_shape, padding):
+    return _abstract_like(dy, dy, kernel_shape)
+
+
+def _input_cotangent(ct_BxHoxWoxO, x_shape, kernel_HxWxIxO, padding):
+    (dx,) = jax.linear_transpose(lambda x: _forward(x, kernel_HxWxIxO, padding),
+                                 jax.ShapeDtypeStruct(x_shape, ct_BxHoxWoxO.dtype))(
+        ct_BxHoxWoxO)
+    return dx
+
+
+def _vmapped(fn):
+    # Under vmap, lax's own convolutions (and their batching rules) take over.
+    def rule(args, dims, **params):
+        return jax.vmap(functools.partial(fn, **params), in_axes=dims)(*args), 0
+    return rule
+
+
+_conv_in_kernel_p = Primitive("pvae_conv_in_kernel")
+_kernel_gradient_p = Primitive("pvae_kernel_gradient")
+for _p, _fn, _abstract in ((_conv_in_kernel_p, _conv_in_kernel, _conv_in_kernel_abstract),
+                           (_kernel_gradient_p, _kernel_gradient, _kernel_gradient_abstract)):
+    # Outside jit (rare for gradients) the primitive runs jitted, so lowered as below.
+    _p.def_impl(functools.partial(lambda p, *args, **params: jax.jit(
+        functools.partial(p.bind, **params))(*args), _p))
+    _p.def_abstract_eval(_abstract)
+    mlir.register_lowering(_p, mlir.lower_fun(_fn, multiple_results=False))
+    batching.primitive_batchers[_p] = _vmapped(_fn)
+# conv(x, k): d/dx^T = the input gradient, d/dk^T = the kernel gradient.
+ad.defbilinear(
+    _conv_in_kernel_p,
+    lambda ct, x, k, *, padding: _input_cotangent(ct, x.aval.shape, k, padding),
+    lambda ct, x, k, *, padding: _fast_kernel_gradient(x, ct, tuple(k.aval.shape), padding))
+# kernel_gradient(x, dy) = dk: d/dx^T at dk's cotangent c = the input gradient of
+# conv(., c) at dy; d/ddy^T = conv(x, c).
+ad.defbilinear(
+    _kernel_gradient_p,
+    lambda ct, x, dy, *, kernel_shape, padding: _input_cotangent(dy, x.aval.shape, ct,
+                                                                 padding),
+    lambda ct, x, dy, *, kernel_shape, padding: _conv_in_kernel_p.bind(x, ct,
+                                                                      padding=padding))
 
 
 def _varying(t) -> frozenset:

@@ -1,0 +1,201 @@
+// The kernel gradient of a stride-1 NHWC convolution, for XLA:CPU through the XLA FFI.
+//
+// dk[a, b, c, f] = sum_{n, i, j} x_pad[n, i + a, j + b, c] * dy[n, i, j, f]. For one
+// output row (n, i) and one kernel row a, the kw columns and C channels that output
+// pixel j reads are K = kw * C contiguous floats of x_pad, starting at column j. So
+// row a of dk, as a [K, F] matrix, is a sum over pixels of rank-one updates
+// x_window(j) (K) times dy(j) (F), accumulated here in registers, 5 rows of K by 16
+// columns of F at a time, over the Wo pixels of an output row. XLA:CPU instead runs a
+// convolution that contracts over the batch alone (on a 2-core Zen 3, 5.6 ms against
+// 1.6 ms here for a 3x5 kernel, 16 -> 32 channels, 10 images of 28x28, one core).
+//
+// Rows (n, i) are split into a fixed number of chunks, each summed into its own buffer
+// and the buffers added in order: the result does not depend on which thread ran
+// which chunk. The calling thread takes chunks too and waits only for chunks other
+// threads have started, so it never waits on a busy pool.
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+typedef float v8 __attribute__((vector_size(32)));
+inline v8 Splat(float f) { return v8{f, f, f, f, f, f, f, f}; }
+inline v8 Load(const float* p) { v8 v; std::memcpy(&v, p, sizeof v); return v; }
+inline void Store(float* p, v8 v) { std::memcpy(p, &v, sizeof v); }
+
+// One pixel's rank-one update of an MB x 8NV block: acc[r] += x[idx0 + r] * dy_j. A
+// guarded pixel reads zero where idx0 + r falls outside the row [0, limit): a column
+// of the padding.
+template <int MB, int NV, bool kGuarded>
+inline void Pixel(v8 (&acc)[MB][NV], const float* x_row, const float* dy_j, int64_t idx0,
+                  int64_t limit) {
+  v8 d[NV];
+  for (int v = 0; v < NV; ++v) d[v] = Load(dy_j + 8 * v);
+  for (int r = 0; r < MB; ++r) {
+    const int64_t idx = idx0 + r;
+    const v8 xv = Splat(!kGuarded || (idx >= 0 && idx < limit) ? x_row[idx] : 0.f);
+    for (int v = 0; v < NV; ++v) acc[r][v] += xv * d[v];
+  }
+}
+
+struct Shape {
+  int64_t H, W, C, Ho, Wo, F, kh, K, top, left;
+};
+
+// dk[r, n .. n + 8 NV] += sum_j x_pad[j * C + m + r] * dy[j, n ..] for r < MB over the
+// Wo pixels of one output row, x_pad being x_row with ``left`` zero columns before it.
+// Pixels [jlo, jhi) read no padding and take the unguarded loop.
+template <int MB, int NV>
+inline void Block(const float* x_row, const float* dy, float* dk, int64_t m, int64_t jlo,
+                  int64_t jhi, const Shape& s) {
+  // Summed from zero and then added to dk: the sum over pixels is then a sum of row
+  // sums, with less rounding than one running sum over all of them.
+  v8 acc[MB][NV] = {};
+  const int64_t limit = s.W * s.C;
+  for (int64_t j = 0; j < jlo; ++j)
+    Pixel<MB, NV, true>(acc, x_row, dy + j * s.F, (j - s.left) * s.C + m, limit);
+  for (int64_t j = jlo; j < jhi; ++j)
+    Pixel<MB, NV, false>(acc, x_row, dy + j * s.F, (j - s.left) * s.C + m, limit);
+  for (int64_t j = jhi; j < s.Wo; ++j)
+    Pixel<MB, NV, true>(acc, x_row, dy + j * s.F, (j - s.left) * s.C + m, limit);
+  for (int r = 0; r < MB; ++r)
+    for (int v = 0; v < NV; ++v)
+      Store(dk + r * s.F + 8 * v, Load(dk + r * s.F + 8 * v) + acc[r][v]);
+}
+
+// Rows m .. m + MB of dk over all F columns: 16 at a time, then 8, then one by one.
+template <int MB>
+inline void Rows(const float* x_row, const float* dy, float* dk, int64_t m, const Shape& s) {
+  // Columns t0 .. t1 of the kernel hold these rows; pixel j reads x columns
+  // j - left + t0 .. j - left + t1, all inside x for j in [jlo, jhi).
+  const int64_t t0 = m / s.C, t1 = (m + MB - 1) / s.C;
+  const int64_t jlo = std::min(std::max<int64_t>(s.left - t0, 0), s.Wo);
+  const int64_t jhi = std::max(std::min<int64_t>(s.W + s.left - t1, s.Wo), jlo);
+  float* dk_m = dk + m * s.F;
+  int64_t n = 0;
+  for (; n + 16 <= s.F; n += 16) Block<MB, 2>(x_row, dy + n, dk_m + n, m, jlo, jhi, s);
+  for (; n + 8 <= s.F; n += 8) Block<MB, 1>(x_row, dy + n, dk_m + n, m, jlo, jhi, s);
+  for (; n < s.F; ++n)
+    for (int r = 0; r < MB; ++r) {
+      float sum = 0.f;
+      for (int64_t j = 0; j < s.Wo; ++j) {
+        const int64_t idx = (j - s.left) * s.C + m + r;
+        if (idx >= 0 && idx < s.W * s.C) sum += x_row[idx] * dy[j * s.F + n];
+      }
+      dk_m[r * s.F + n] += sum;
+    }
+}
+
+// dk (kh x K x F, zeroed by the caller) += the sum over output rows [row0, row1) of
+// the flattened (n, i).
+void SumRows(const float* x, const float* dy, float* dk, const Shape& s, int64_t row0,
+             int64_t row1) {
+  for (int64_t row = row0; row < row1; ++row) {
+    const int64_t n = row / s.Ho, i = row % s.Ho;
+    const float* dy_row = dy + row * s.Wo * s.F;
+    for (int64_t a = 0; a < s.kh; ++a) {
+      const int64_t x_i = i + a - s.top;  // rows of the padding add nothing
+      if (x_i < 0 || x_i >= s.H) continue;
+      const float* x_row = x + (n * s.H + x_i) * s.W * s.C;
+      float* dk_a = dk + a * s.K * s.F;
+      int64_t m = 0;
+      for (; m + 5 <= s.K; m += 5) Rows<5>(x_row, dy_row, dk_a, m, s);
+      for (; m < s.K; ++m) Rows<1>(x_row, dy_row, dk_a, m, s);
+    }
+  }
+}
+
+// Work shared between the calling thread and pool tasks that may start after it
+// returns, so it lives on the heap.
+struct Chunks {
+  const float* x;
+  const float* dy;
+  Shape s;
+  int64_t rows, count, size;
+  std::vector<std::vector<float>> partial;
+  std::atomic<int64_t> next{0};
+  std::mutex mu;
+  std::condition_variable cv;
+  int64_t done = 0;
+
+  // Runs chunks until none is left; returns after the last one it took.
+  void Work() {
+    for (int64_t c; (c = next.fetch_add(1)) < count;) {
+      auto& out = partial[c];
+      out.assign(size, 0.f);
+      SumRows(x, dy, out.data(), s, c * rows / count, (c + 1) * rows / count);
+      std::lock_guard<std::mutex> lock(mu);
+      if (++done == count) cv.notify_all();
+    }
+  }
+};
+
+ffi::Error KernelGradient(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                          ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dk,
+                          int64_t top, int64_t left) {
+  const auto xd = x.dimensions(), yd = dy.dimensions(), kd = dk->dimensions();
+  if (xd.size() != 4 || yd.size() != 4 || kd.size() != 3 || xd[0] != yd[0] ||
+      yd[3] != kd[2] || kd[1] % xd[3] != 0)
+    return ffi::Error::InvalidArgument(
+        "pvae_kernel_gradient: needs x [B, H, W, C], dy [B, Ho, Wo, F] and a result "
+        "[kh, kw * C, F]");
+  const Shape s{xd[1], xd[2], xd[3], yd[1], yd[2], yd[3], kd[0], kd[1], top, left};
+  const int64_t kw = s.K / s.C;
+  // The padding below and to the right, implied by the shapes, must be >= 0 too.
+  if (top < 0 || left < 0 || s.Ho + s.kh - 1 - s.H - top < 0 ||
+      s.Wo + kw - 1 - s.W - left < 0)
+    return ffi::Error::InvalidArgument(
+        "pvae_kernel_gradient: the shapes and padding do not fit a stride-1 convolution");
+  const int64_t rows = xd[0] * s.Ho, size = s.kh * s.K * s.F;
+  float* out = dk->typed_data();
+  // Chunks of at least 64 rows (a 28x28 image is 28): below that a thread's share is
+  // not worth its buffer and the final sum.
+  const int64_t count = std::max<int64_t>(
+      1, std::min<int64_t>(std::max<int64_t>(pool.num_threads(), 1), rows / 64));
+  if (count == 1) {
+    std::memset(out, 0, sizeof(float) * size);
+    SumRows(x.typed_data(), dy.typed_data(), out, s, 0, rows);
+    return ffi::Error::Success();
+  }
+  auto work = std::make_shared<Chunks>();
+  work->x = x.typed_data();
+  work->dy = dy.typed_data();
+  work->s = s;
+  work->rows = rows;
+  work->count = count;
+  work->size = size;
+  work->partial.resize(count);
+  for (int64_t t = 1; t < count; ++t) pool.Schedule([work] { work->Work(); });
+  work->Work();
+  {
+    std::unique_lock<std::mutex> lock(work->mu);
+    work->cv.wait(lock, [&] { return work->done == work->count; });
+  }
+  std::memcpy(out, work->partial[0].data(), sizeof(float) * size);
+  for (int64_t c = 1; c < count; ++c) {
+    const float* p = work->partial[c].data();
+    for (int64_t k = 0; k < size; ++k) out[k] += p[k];
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PvaeKernelGradient, KernelGradient,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("top")
+                                  .Attr<int64_t>("left"));

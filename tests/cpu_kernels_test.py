@@ -1,0 +1,133 @@
+"""The compiled CPU kernel gradient: against lax, sharded, summed in a fixed order, and
+the fallback when it cannot be built."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from pvae_jax.nn import conv, cpu_kernels
+
+# (x shape, kernel shape, padding): the gated stacks' kernels, and shapes that leave
+# remainders in both register blocks of the kernel (5 rows of kw*C, 16 and 8 of F).
+CASES = [
+    ((3, 9, 8, 16), (3, 5, 16, 32), ((2, 0), (2, 2))),  # vertical stack
+    ((3, 9, 8, 16), (1, 3, 16, 32), ((0, 0), (2, 0))),  # horizontal stack
+    ((3, 9, 8, 32), (1, 1, 32, 32), ((0, 0), (0, 0))),  # vertical-to-horizontal 1x1
+    ((2, 7, 7, 1), (7, 7, 1, 10), ((3, 3), (3, 3))),  # first layer on the image
+    ((2, 6, 5, 3), (2, 3, 3, 27), ((1, 0), (1, 1))),
+    ((2, 6, 5, 3), (3, 2, 3, 5), ((0, 0), (0, 0))),  # valid, output smaller than x
+    ((2, 6, 5, 3), (2, 3, 3, 16), ((2, 3), (4, 1))),  # border pixels reading only padding
+]
+
+
+def _lax_kernel_gradient(x, dy, kernel_shape, padding):
+    (dk,) = jax.linear_transpose(
+        lambda k: jax.lax.conv_general_dilated(x, k, (1, 1), padding,
+                                               dimension_numbers=("NHWC", "HWIO", "NHWC")),
+        jax.ShapeDtypeStruct(kernel_shape, jnp.float32))(dy)
+    return dk
+
+
+def _operands(x_shape, kernel_shape, padding, seed=0):
+    kx, kd = jax.random.split(jax.random.key(seed))
+    x = jax.random.normal(kx, x_shape)
+    y_shape = jax.eval_shape(
+        lambda x: jax.lax.conv_general_dilated(x, jnp.zeros(kernel_shape), (1, 1), padding,
+                                               dimension_numbers=("NHWC", "HWIO", "NHWC")),
+        x).shape
+    return x, jax.random.normal(kd, y_shape)
+
+
+def test_the_kernels_build_here():
+    # CI installs a C++ compiler: if this fails, every other test here ran XLA's path.
+    assert cpu_kernels.registered()
+
+
+@pytest.mark.parametrize("x_shape, kernel_shape, padding", CASES)
+def test_kernel_gradient_equals_lax(x_shape, kernel_shape, padding):
+    x, dy = _operands(x_shape, kernel_shape, padding)
+    got = jax.jit(cpu_kernels.kernel_gradient, static_argnums=(2, 3))(x, dy, kernel_shape,
+                                                                      padding)
+    want = _lax_kernel_gradient(x, dy, kernel_shape, padding)
+    assert got.shape == kernel_shape
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_conv2d_takes_the_compiled_kernel_gradient():
+    x_shape, kernel_shape, padding = CASES[0]
+    x, _ = _operands(x_shape, kernel_shape, padding)
+    k = jax.random.normal(jax.random.key(1), kernel_shape)
+    grad = jax.jit(jax.grad(lambda k: jnp.sum(jnp.sin(conv.conv2d(x, k, padding)))))
+    assert "pvae_kernel_gradient" in grad.lower(k).compile().as_text()
+    want = jax.grad(lambda k: jnp.sum(jnp.sin(jax.lax.conv_general_dilated(
+        x, k, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC")))))(k)
+    np.testing.assert_allclose(grad(k), want, rtol=1e-5, atol=1e-4)
+
+
+def test_a_sharded_batch_is_summed_per_device_then_all_reduced():
+    n = jax.device_count()  # Two virtual CPU devices under the tests' conftest.
+    assert n > 1
+    mesh = jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    x_shape, kernel_shape, padding = CASES[0]
+    x, dy = _operands((2 * n, *x_shape[1:]), kernel_shape, padding)
+    batch = NamedSharding(mesh, P("data"))
+    fn = jax.jit(cpu_kernels.kernel_gradient, static_argnums=(2, 3))
+    xs, dys = jax.device_put(x, batch), jax.device_put(dy, batch)
+    hlo = fn.lower(xs, dys, kernel_shape, padding).compile().as_text()
+    # Each device reads its own images: no all-gather of x or dy, one all-reduce.
+    assert "all-gather" not in hlo and hlo.count("all-reduce(") == 1
+    np.testing.assert_allclose(fn(xs, dys, kernel_shape, padding),
+                               _lax_kernel_gradient(x, dy, kernel_shape, padding),
+                               rtol=1e-5, atol=1e-4)
+
+
+def test_a_large_batch_is_split_into_chunks_and_summed_in_a_fixed_order():
+    # 40 images of 28 rows: 1120 output rows, enough for one chunk per pool thread.
+    x_shape, kernel_shape, padding = (40, 28, 28, 16), (3, 5, 16, 32), ((2, 0), (2, 2))
+    x, dy = _operands(x_shape, kernel_shape, padding, seed=3)
+    fn = jax.jit(cpu_kernels.kernel_gradient, static_argnums=(2, 3))
+    first = np.asarray(fn(x, dy, kernel_shape, padding))
+    for _ in range(3):
+        np.testing.assert_array_equal(fn(x, dy, kernel_shape, padding), first)
+    x64, dy64 = np.asarray(x, np.float64), np.asarray(dy, np.float64)
+    x_pad = np.pad(x64, ((0, 0), (2, 0), (2, 2), (0, 0)))
+    want = np.stack([np.stack([np.einsum("nijc,nijf->cf", x_pad[:, a:a + 28, b:b + 28], dy64)
+                               for b in range(5)]) for a in range(3)])
+    np.testing.assert_allclose(first, want, rtol=1e-4, atol=2e-3)
+
+
+def test_off_by_the_environment_or_without_a_compiler(monkeypatch, tmp_path):
+    x_shape, kernel_shape, padding = CASES[1]
+    x, _ = _operands(x_shape, kernel_shape, padding)
+    k = jax.random.normal(jax.random.key(1), kernel_shape)
+
+    def loss(k):
+        return jnp.sum(jnp.sin(conv.conv2d(x, k, padding)))
+
+    want = jax.jit(jax.grad(loss))(k)
+    try:
+        for var, value in ((cpu_kernels.ENABLE_VAR, "0"), ("CXX", str(tmp_path / "no-cc"))):
+            with monkeypatch.context() as m:
+                m.setenv(var, value)
+                m.setenv(cpu_kernels.CACHE_VAR, str(tmp_path))
+                m.setattr(cpu_kernels, "_loaded", {})  # as in a fresh process
+                cpu_kernels.registered.cache_clear()
+                assert not cpu_kernels.registered()
+                grad = jax.jit(jax.grad(loss))
+                assert "pvae_kernel_gradient" not in grad.lower(k).compile().as_text()
+                np.testing.assert_allclose(grad(k), want, rtol=1e-5, atol=1e-4)
+    finally:
+        cpu_kernels.registered.cache_clear()
+    assert cpu_kernels.registered()
+
+
+def test_a_fresh_cache_builds_the_library(monkeypatch, tmp_path):
+    monkeypatch.setenv(cpu_kernels.CACHE_VAR, str(tmp_path))
+    library = cpu_kernels._build(cpu_kernels._compiler(), tmp_path)
+    assert library.parent == tmp_path and library.stat().st_size > 0
+    # Built once: a second call finds it, and no temporary file is left behind.
+    assert cpu_kernels._build(cpu_kernels._compiler(), tmp_path) == library
+    assert [p.name for p in tmp_path.iterdir()] == [library.name]
