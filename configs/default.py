@@ -76,9 +76,10 @@ def get_config() -> ml_collections.ConfigDict:
     # device's part of the batch, one after another, and average their gradients:
     # the same update up to rounding, with about 1/num_microbatches of the activation
     # memory (gated_noup on 2 CPU devices, 5 microbatches of 10 images per device: 67
-    # instead of 338 MB of temporaries per device). Whether it is also faster depends
-    # on the machine's caches: on Zen 3 CPUs the step took 0.65-0.84x the time, on a
-    # Zen 5 1.07x (README, Performance). Each microbatch adds a copy of the step to the
+    # instead of 338 MB of temporaries per device). It is not faster: with the compiled
+    # CPU kernel gradients (nn/cpu_kernels.py) 5 microbatches took 1.08x the step time
+    # on a Zen 3 CPU (before them 0.65-0.84x there, 1.07x on a Zen 5; README,
+    # Performance). Each microbatch adds a copy of the step to the
     # compiled program (compile time grows about linearly). The eval step sums its
     # batch slice by slice too. It must divide batch_size / devices and
     # eval_batch_size / devices, and models with batch statistics (norm='batch') need 1.
