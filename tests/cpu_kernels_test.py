@@ -101,7 +101,7 @@ def test_a_large_batch_is_split_into_chunks_and_summed_in_a_fixed_order():
 
 def test_off_by_the_environment_or_without_a_compiler(monkeypatch, tmp_path):
     x_shape, kernel_shape, padding = CASES[1]
-    x, _ = _operands(x_shape, kernel_shape, padding)
+    x, dy = _operands(x_shape, kernel_shape, padding)
     k = jax.random.normal(jax.random.key(1), kernel_shape)
 
     def loss(k):
@@ -113,9 +113,11 @@ def test_off_by_the_environment_or_without_a_compiler(monkeypatch, tmp_path):
             with monkeypatch.context() as m:
                 m.setenv(var, value)
                 m.setenv(cpu_kernels.CACHE_VAR, str(tmp_path))
-                m.setattr(cpu_kernels, "_loaded", {})  # as in a fresh process
+                m.setattr(cpu_kernels, "_library", None)  # as in a fresh process
                 cpu_kernels.registered.cache_clear()
                 assert not cpu_kernels.registered()
+                with pytest.raises(RuntimeError, match="unavailable"):
+                    cpu_kernels.kernel_gradient(x, dy, kernel_shape, padding)
                 grad = jax.jit(jax.grad(loss))
                 assert "pvae_kernel_gradient" not in grad.lower(k).compile().as_text()
                 np.testing.assert_allclose(grad(k), want, rtol=1e-5, atol=1e-4)

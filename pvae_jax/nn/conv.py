@@ -8,7 +8,7 @@ the 16- and 32-channel layers of the gated PixelCNNs. ``conv2d``'s kernel gradie
 instead, on the CPU:
 
 - the compiled kernel of ``cpu_kernels.py`` (float32), where it can be built: a
-  gated_noup train step (2-core Zen 3) ran in 0.48x the time with it;
+  gated_noup train step (2-core Zen 3) ran in 0.36-0.48x the time with it;
 - else, for 1x1 kernels, ``kernel_gradient``, which stacks the kernel's ``kh`` row
   offsets as channels so that the gradient becomes a 1-D convolution along the
   columns contracting over batch and rows together (28 ms -> 3.7 ms for a 32-channel
@@ -176,13 +176,22 @@ def _vmapped(fn):
     return rule
 
 
+def _jitted_impl(p, *args, **params):
+    """Outside jit (rare for gradients) a primitive runs jitted, so lowered as below;
+    one jitted function per primitive and parameters, not one per call."""
+    return _jitted_bind(p, tuple(sorted(params.items())))(*args)
+
+
+@functools.cache
+def _jitted_bind(p, params):
+    return jax.jit(functools.partial(p.bind, **dict(params)))
+
+
 _conv_in_kernel_p = Primitive("pvae_conv_in_kernel")
 _kernel_gradient_p = Primitive("pvae_kernel_gradient")
 for _p, _fn, _abstract in ((_conv_in_kernel_p, _conv_in_kernel, _conv_in_kernel_abstract),
                            (_kernel_gradient_p, _kernel_gradient, _kernel_gradient_abstract)):
-    # Outside jit (rare for gradients) the primitive runs jitted, so lowered as below.
-    _p.def_impl(functools.partial(lambda p, *args, **params: jax.jit(
-        functools.partial(p.bind, **params))(*args), _p))
+    _p.def_impl(functools.partial(_jitted_impl, _p))
     _p.def_abstract_eval(_abstract)
     mlir.register_lowering(_p, mlir.lower_fun(_fn, multiple_results=False))
     batching.primitive_batchers[_p] = _vmapped(_fn)

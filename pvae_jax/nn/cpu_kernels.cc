@@ -1,8 +1,11 @@
 // The kernel gradient of a stride-1 NHWC convolution, for XLA:CPU through the XLA FFI.
 //
-// dk[a, b, c, f] = sum_{n, i, j} x_pad[n, i + a, j + b, c] * dy[n, i, j, f]. For one
-// output row (n, i) and one kernel row a, the kw columns and C channels that output
-// pixel j reads are K = kw * C contiguous floats of x_pad, starting at column j. So
+// dk[a, b, c, f] = sum_{n, i, j} x_pad[n, i + a, j + b, c] * dy[n, i, j, f], x_pad being
+// x with ``top`` zero rows above and ``left`` zero columns before it (and zeros below
+// and after, up to the output's size). x_pad is never built: reads that fall in the
+// padding are skipped (rows) or read as zero (columns). For one output row (n, i) and
+// one kernel row a, the kw columns and C channels that output pixel j reads are
+// K = kw * C contiguous floats of x_pad, starting at column j. So
 // row a of dk, as a [K, F] matrix, is a sum over pixels of rank-one updates
 // x_window(j) (K) times dy(j) (F), accumulated here in registers, 5 rows of K by 16
 // columns of F at a time, over the Wo pixels of an output row. XLA:CPU instead runs a

@@ -1,8 +1,9 @@
 """Compiled CPU kernels, built from ``cpu_kernels.cc`` on first use.
 
 One kernel so far: the kernel gradient of a stride-1 NHWC convolution
-(``kernel_gradient``), which XLA:CPU computes 2-3x slower than its forward pass on the
-16- and 32-channel layers of the gated PixelCNNs (see ``cpu_kernels.cc``).
+(``kernel_gradient``), which XLA:CPU computes several times slower than its forward
+pass on the 16- and 32-channel layers of the gated PixelCNNs (3.6x for a 3x5 kernel,
+16 -> 32 channels, on a 2-core Zen 3; see ``cpu_kernels.cc``).
 
 The source is compiled with the machine's C++ compiler (``$CXX``, else ``c++``) against
 the XLA FFI headers of the installed jaxlib, for this CPU (``-march=native``), into
@@ -78,7 +79,7 @@ def _compiler() -> str | None:
     return shutil.which(os.environ.get("CXX", "c++"))
 
 
-_loaded: dict[str, ctypes.CDLL] = {}  # registered with XLA: by target name
+_library: ctypes.CDLL | None = None  # loaded and registered with XLA
 
 
 @functools.cache
@@ -87,7 +88,8 @@ def registered() -> bool:
     or ``PVAE_JAX_CPU_KERNELS=0``. Callers then keep XLA's own computation."""
     if os.environ.get(ENABLE_VAR, "1") == "0":
         return False
-    if _TARGET in _loaded:
+    global _library
+    if _library is not None:  # registered already; XLA takes a target once
         return True
     compiler = _compiler()
     if compiler is None:
@@ -104,7 +106,7 @@ def registered() -> bool:
                         "convolution gradients are used: %s", detail)
         return False
     jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(handler), platform="cpu")
-    _loaded[_TARGET] = library
+    _library = library
     return True
 
 
@@ -161,12 +163,16 @@ _partitioned_kernel_gradient.def_partition(
 def kernel_gradient(x_BxHxWxC, dy_BxHoxWoxF, kernel_shape, padding,
                     partitioned: bool = True) -> jax.Array:
     """d/dkernel of ``sum(conv(x, kernel, padding) * dy)`` (stride 1, NHWC, HWIO), in
-    float32, by the compiled kernel; ``registered()`` must be True.
+    float32, by the compiled kernel, which this builds and registers if no call has yet
+    (RuntimeError if it cannot be: ``conv2d`` then keeps XLA's gradients instead).
 
     With ``partitioned`` (for ``jit`` over sharded arrays) a batch sharded over devices
     is summed by each device for its own images, then added by one all-reduce; without
     it (inside ``shard_map``) the call is on the arrays as they are.
     """
+    if not registered():
+        raise RuntimeError(f"the compiled CPU kernels are unavailable ({ENABLE_VAR}=0, no "
+                           "C++ compiler, or a failed build: see the log)")
     padding = tuple((int(lo), int(hi)) for lo, hi in padding)
     kernel_shape = tuple(int(d) for d in kernel_shape)
     call = _partitioned_kernel_gradient if partitioned else _ffi_kernel_gradient
