@@ -51,10 +51,17 @@ def _train_flops(trainer: train.Trainer, state, image) -> float | None:
     """FLOPs of one global train step from XLA's cost analysis, or None.
 
     The executable is the one the timed steps ran (jit's compilation cache makes this
-    cheap). Under SPMD its cost analysis describes one device's partition, so it is
-    scaled by the mesh size to cover the global batch.
+    cheap), except where they ran the compiled CPU kernels: XLA counts nothing for a
+    custom call, so the count is then of the same step traced and compiled afresh with
+    XLA's own gradients (the same arithmetic). Under SPMD the cost analysis describes
+    one device's partition, so it is scaled by the mesh size to cover the global batch.
     """
-    flops = _cost_flops(trainer.train_step.lower(state, image).compile())
+    if jax.default_backend() == "cpu" and cpu_kernels.enabled():
+        with cpu_kernels.suspended():
+            lowered = trainer.jit_train_step().lower(state, image)
+    else:
+        lowered = trainer.train_step.lower(state, image)
+    flops = _cost_flops(lowered.compile())
     return None if flops is None else flops * trainer.mesh.size
 
 
@@ -176,7 +183,7 @@ def _context(config: ml_collections.ConfigDict, config_name: str | None,
         "process_count": jax.process_count(),
         "jax_version": jax.__version__,
         # Whether conv2d's kernel gradients ran on the compiled CPU kernel.
-        "cpu_kernels": device.platform == "cpu" and cpu_kernels.registered(),
+        "cpu_kernels": device.platform == "cpu" and cpu_kernels.enabled(),
         "python_version": platform.python_version(),
         "cpu_count": os.cpu_count(),
         "cpu_affinity_count": affinity,
@@ -218,7 +225,9 @@ def run_benchmark(
     bounds from above how much the input pipeline slows training.
     ``eval_images_per_sec`` counts every row of a batch, padding included (what the
     device computes). ``model_flops_per_image`` is XLA's count for the whole train
-    step (forward, backward, optimiser, EMA).
+    step (forward, backward, optimiser, EMA), the compiled CPU kernels' share included
+    (see ``_train_flops``). ``peak_rss_bytes`` is the process's peak up to the end of
+    eval.
 
     Args:
       config: a full experiment config (as ``train.train_and_evaluate`` takes).
@@ -296,7 +305,6 @@ def run_benchmark(
     train_cpu_seconds = time.process_time() - cpu_start
     page_faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_start
     last_loss = float(jax.device_get(metrics["train/loss"]))
-    flops_per_step = _train_flops(trainer, state, image)
     del data_iter  # Lets grain stop its worker processes, if any, before eval is timed.
 
     # Eval as Trainer.evaluate does it: batches placed on the mesh, sums added on device.
@@ -316,6 +324,11 @@ def run_benchmark(
         totals = jax.tree.map(jnp.add, totals, sums)
     jax.block_until_ready(totals)
     eval_seconds = time.perf_counter() - t_start
+    # Read before the FLOP count, whose compile (see _train_flops) is no part of
+    # training.
+    peak_rss_bytes = _peak_rss_bytes()
+    device_memory_stats = _device_memory_stats(jax.devices()[0])
+    flops_per_step = _train_flops(trainer, state, image)
 
     train_steps_per_sec = num_steps / train_seconds
     train_images_per_sec = train_steps_per_sec * config.batch_size
@@ -345,8 +358,8 @@ def run_benchmark(
         "model_flops_per_image": flops_per_image,
         "train_gflops_per_sec": (None if flops_per_image is None
                                  else flops_per_image * train_images_per_sec / 1e9),
-        "peak_rss_bytes": _peak_rss_bytes(),
-        "device_memory_stats": _device_memory_stats(jax.devices()[0]),
+        "peak_rss_bytes": peak_rss_bytes,
+        "device_memory_stats": device_memory_stats,
     }
 
 

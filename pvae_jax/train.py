@@ -253,14 +253,19 @@ class Trainer:
             config.data, config.eval_batch_size, process_index=jax.process_index(),
             process_count=jax.process_count())
         self.tx = make_optimizer(config)
-        self.train_step = jax.jit(
-            functools.partial(train_step, model=self.model, tx=self.tx, config=config),
-            in_shardings=(self.replicated, self.batch_sharding),
-            out_shardings=(self.replicated, self.replicated), donate_argnums=0)
+        self.train_step = self.jit_train_step()
         self.eval_step = jax.jit(
             functools.partial(eval_step, model=self.model, num_microbatches=num),
             in_shardings=(self.replicated, self.replicated, self.batch_sharding, None),
             out_shardings=self.replicated)
+
+    def jit_train_step(self):
+        """A new jitted train step (``self.train_step`` is one), traced afresh on its
+        first call: ``(state, image) -> (state, metrics)``, ``state`` donated."""
+        return jax.jit(
+            functools.partial(train_step, model=self.model, tx=self.tx, config=self.config),
+            in_shardings=(self.replicated, self.batch_sharding),
+            out_shardings=(self.replicated, self.replicated), donate_argnums=0)
 
     def init_state(self, key) -> TrainState:
         """A fresh train state (params from ``key``'s 'params' fold), replicated."""

@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import pytest
 
 from configs import tiny
-from pvae_jax import bench, models
+from pvae_jax import bench, models, train
+from pvae_jax.nn import cpu_kernels
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -92,6 +93,23 @@ def test_run_benchmark_schema():
     _check_schema(result, config, num_steps=3, num_eval_batches=2,
                   device_count=jax.device_count())
     assert result["config_name"] == "configs/tiny.py"
+
+
+def test_train_flops_count_the_compiled_kernels(monkeypatch):
+    # XLA counts nothing for the kernel gradients' custom calls: the count must be that
+    # of the same step on XLA's own gradients, as a process without the kernels has it.
+    config = _config()
+    trainer = train.Trainer(config)
+    state = trainer.init_state(jax.random.key(0))
+    image = jnp.zeros((config.batch_size, 28, 28, 1), jnp.uint8)
+    compiled = trainer.train_step.lower(state, image).compile()
+    assert "pvae_kernel_gradient" in compiled.as_text()
+    as_run = bench._cost_flops(compiled) * trainer.mesh.size
+    counted = bench._train_flops(trainer, state, image)
+    monkeypatch.setattr(cpu_kernels, "registered", lambda: False)
+    without = train.Trainer(config)
+    want = bench._cost_flops(without.train_step.lower(state, image).compile())
+    assert counted == want * without.mesh.size > as_run
 
 
 @pytest.mark.parametrize("kwargs", [{"num_steps": 0}, {"warmup_steps": -1},

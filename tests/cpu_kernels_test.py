@@ -67,6 +67,24 @@ def test_conv2d_takes_the_compiled_kernel_gradient():
     np.testing.assert_allclose(grad(k), want, rtol=1e-5, atol=1e-4)
 
 
+def test_suspended_traces_keep_xla_gradients():
+    x_shape, kernel_shape, padding = CASES[0]
+    x, _ = _operands(x_shape, kernel_shape, padding)
+    k = jax.random.normal(jax.random.key(1), kernel_shape)
+
+    def grad():  # a new function each call, so traced afresh
+        return jax.jit(jax.grad(lambda k: jnp.sum(jnp.sin(conv.conv2d(x, k, padding)))))
+
+    with cpu_kernels.suspended():
+        assert not cpu_kernels.enabled()
+        xla = grad()
+        assert "pvae_kernel_gradient" not in xla.lower(k).compile().as_text()
+    assert cpu_kernels.enabled()
+    ours = grad()
+    assert "pvae_kernel_gradient" in ours.lower(k).compile().as_text()
+    np.testing.assert_allclose(xla(k), ours(k), rtol=1e-5, atol=1e-4)
+
+
 def test_a_sharded_batch_is_summed_per_device_then_all_reduced():
     n = jax.device_count()  # Two virtual CPU devices under the tests' conftest.
     assert n > 1

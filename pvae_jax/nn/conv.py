@@ -107,7 +107,7 @@ def _kernel_gradient(x_BxHxWxC, dy_BxHoxWoxO, *, kernel_shape, padding):
 def _cpu_kernel_gradient(x_BxHxWxC, dy_BxHoxWoxO, *, kernel_shape, padding):
     """On the CPU: the compiled kernel of ``cpu_kernels.py`` for float32 where it is
     built (3.4x faster than XLA's for a vertical stack's 3x5 kernel), else as above."""
-    if dy_BxHoxWoxO.dtype != jnp.float32 or not cpu_kernels.registered():
+    if dy_BxHoxWoxO.dtype != jnp.float32 or not cpu_kernels.enabled():
         return _kernel_gradient_p.bind(x_BxHxWxC, dy_BxHoxWoxO, kernel_shape=kernel_shape,
                                        padding=padding)
     # Inside shard_map every device computes its own part: no partitioning to do.

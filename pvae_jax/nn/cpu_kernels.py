@@ -15,6 +15,7 @@ computation, where there is no compiler, the build fails (logged once) or
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -108,6 +109,28 @@ def registered() -> bool:
     jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(handler), platform="cpu")
     _library = library
     return True
+
+
+_suspended = False
+
+
+def enabled() -> bool:
+    """Whether ``conv2d`` traced now takes the compiled kernels: ``registered()`` and
+    not inside ``suspended()``."""
+    return not _suspended and registered()
+
+
+@contextlib.contextmanager
+def suspended():
+    """Functions traced inside keep XLA's own gradients: e.g. so that XLA's cost
+    analysis, which counts no FLOPs in a custom call, counts them all. Only tracing
+    looks at this; an already traced (or cached) function is as it was."""
+    global _suspended
+    previous, _suspended = _suspended, True
+    try:
+        yield
+    finally:
+        _suspended = previous
 
 
 def _float32_like(t, shape):
