@@ -37,6 +37,28 @@ def _peak_rss_bytes() -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
+def _processor(cpuinfo_path: str = "/proc/cpuinfo") -> str:
+    """The CPU's model as the kernel names it (platform.processor() is empty on Linux).
+
+    Family and model numbers are kept because virtual machines often report a generic
+    name ("AMD EPYC Processor") for CPUs of different generations.
+    """
+    fields = {}
+    try:
+        with open(cpuinfo_path) as cpuinfo:
+            for line in cpuinfo:
+                key, _, value = line.partition(":")
+                if not line.strip():  # one block per core; the first is enough
+                    break
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        return platform.processor()
+    if "model name" not in fields:
+        return platform.processor()
+    return "{}, family {}, model {}".format(
+        fields["model name"], fields.get("cpu family", "?"), fields.get("model", "?"))
+
+
 def _device_memory_stats(device) -> dict[str, int] | None:
     try:
         stats = device.memory_stats()
@@ -188,7 +210,7 @@ def _context(config: ml_collections.ConfigDict, config_name: str | None,
         "cpu_count": os.cpu_count(),
         "cpu_affinity_count": affinity,
         "machine": {"system": platform.system(), "machine": platform.machine(),
-                    "processor": platform.processor()},
+                    "processor": _processor()},
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(
             timespec="seconds"),
     }

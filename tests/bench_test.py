@@ -7,6 +7,7 @@ asserted by a test.
 import json
 import math
 import os
+import platform
 import subprocess
 import sys
 
@@ -82,8 +83,21 @@ def _check_schema(result, config, num_steps, num_eval_batches, device_count):
     assert result["num_steps"] == num_steps
     assert result["num_eval_batches"] == num_eval_batches
     assert isinstance(result["num_params"], int)
+    assert isinstance(result["machine"]["processor"], str)
     # What the launcher writes must survive a JSON round trip unchanged.
     assert json.loads(json.dumps(result)) == result
+
+
+def test_processor_names_the_first_cores_model(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    block = "processor\t: {}\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: {}\n" \
+            "model name\t: AMD EPYC Processor\n\n"
+    cpuinfo.write_text(block.format(0, 1) + block.format(1, 17))
+    assert bench._processor(str(cpuinfo)) == "AMD EPYC Processor, family 25, model 1"
+    # Without a model name (or without the file) it falls back to platform.processor().
+    cpuinfo.write_text("processor\t: 0\nBogoMIPS\t: 50.00\n")
+    assert bench._processor(str(cpuinfo)) == platform.processor()
+    assert bench._processor(str(tmp_path / "missing")) == platform.processor()
 
 
 def test_run_benchmark_schema():
