@@ -1,6 +1,9 @@
 """The compiled CPU kernel gradient: against lax, sharded, summed in a fixed order, and
 the fallback when it cannot be built."""
 
+import ctypes
+import platform
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +14,8 @@ from jax.sharding import PartitionSpec as P
 from pvae_jax.nn import conv, cpu_kernels
 
 # (x shape, kernel shape, padding): the gated stacks' kernels, and shapes that leave
-# remainders in both register blocks of the kernel (5 rows of kw*C, 16 and 8 of F).
+# remainders in both register blocks of the kernel (rows of kw*C: 5 with AVX2, 12 then
+# 4 with AVX-512; columns of F: 16 and 8 with AVX2, 32, 16 and 8 with AVX-512).
 CASES = [
     ((3, 9, 8, 16), (3, 5, 16, 32), ((2, 0), (2, 2))),  # vertical stack
     ((3, 9, 8, 16), (1, 3, 16, 32), ((0, 0), (2, 0))),  # horizontal stack
@@ -54,6 +58,25 @@ def test_kernel_gradient_equals_lax(x_shape, kernel_shape, padding):
     want = _lax_kernel_gradient(x, dy, kernel_shape, padding)
     assert got.shape == kernel_shape
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"),
+                    reason="-mno-avx512f is an x86 flag")
+def test_the_avx2_blocks_equal_lax_on_any_x86_cpu(monkeypatch, tmp_path):
+    # The other tests run the blocks -march=native picks: on an AVX-512 CPU the AVX2
+    # ones only run here.
+    library = ctypes.cdll.LoadLibrary(str(cpu_kernels._build(
+        cpu_kernels._compiler(), tmp_path, ("-march=native", "-mno-avx512f"))))
+    target = "pvae_kernel_gradient_avx2"
+    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(library.PvaeKernelGradient),
+                                platform="cpu")
+    monkeypatch.setattr(cpu_kernels, "_TARGET", target)
+    for x_shape, kernel_shape, padding in CASES:
+        x, dy = _operands(x_shape, kernel_shape, padding)
+        got = jax.jit(cpu_kernels._ffi_kernel_gradient, static_argnums=(2, 3))(
+            x, dy, kernel_shape, padding)
+        want = _lax_kernel_gradient(x, dy, kernel_shape, padding)
+        np.testing.assert_allclose(got.reshape(kernel_shape), want, rtol=1e-5, atol=1e-4)
 
 
 def test_conv2d_takes_the_compiled_kernel_gradient():

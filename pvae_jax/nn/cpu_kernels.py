@@ -50,12 +50,13 @@ def _cpu_model() -> str:
     return "\n".join(sorted({line for line in lines if line.split(":")[0].strip() in keys}))
 
 
-def _build(compiler: str, cache_dir: Path) -> Path:
-    """The shared library, compiled unless this cache already has it."""
+def _build(compiler: str, cache_dir: Path, flags: tuple[str, ...] = ("-march=native",)
+           ) -> Path:
+    """The shared library, compiled with ``flags`` unless this cache already has it."""
     source = _SOURCE.read_bytes()
     key = hashlib.sha256(b"\0".join([
         source, jaxlib.__version__.encode(), compiler.encode(), _cpu_model().encode(),
-        platform.machine().encode()])).hexdigest()[:16]
+        platform.machine().encode(), *(f.encode() for f in flags)])).hexdigest()[:16]
     library = cache_dir / f"cpu_kernels-{key}.so"
     if library.exists():
         return library
@@ -66,7 +67,7 @@ def _build(compiler: str, cache_dir: Path) -> Path:
     os.close(fd)
     try:
         subprocess.run(
-            [compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC",
+            [compiler, "-O3", *flags, "-std=c++17", "-shared", "-fPIC",
              f"-I{jax.ffi.include_dir()}", str(_SOURCE), "-o", tmp],
             check=True, capture_output=True, text=True)
         os.replace(tmp, library)
