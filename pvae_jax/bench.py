@@ -236,10 +236,11 @@ def run_benchmark(
     ``train_images_per_sec_per_step`` gives the min, median and max of the per-step
     rates, each step timed from the previous step's completion to its own (the loop
     waits for step i - 1 after dispatching step i, so one step stays queued as in
-    training). ``train_cpu_seconds_per_step`` is the CPU time of the whole process
-    (all threads, input pipeline included) per timed step: on a CPU host shared with
-    other work it varies far less than the wall-clock rates, so compare variants by
-    it there. ``train_page_faults_per_step`` counts the process's minor page faults
+    training); ``train_step_seconds`` lists those times in order, to tell warm-up or
+    a stall from steady noise. ``train_cpu_seconds_per_step`` is the CPU time of the
+    whole process (all threads, input pipeline included) per timed step: on a CPU host
+    shared with other work it varies far less than the wall-clock rates, so compare
+    variants by it there. ``train_page_faults_per_step`` counts the process's minor page faults
     (memory mapped afresh and touched; see ``runtime.MALLOC_ENV``).
     ``input_wait_fraction`` is the share of the timed steps' wall time the
     host spent in ``next(data_iterator)`` and ``Trainer.put``. Dispatch is
@@ -262,6 +263,7 @@ def run_benchmark(
     Returns:
       A JSON-serialisable dict: the measurements (``compile_seconds``,
       ``train_images_per_sec``, ``train_images_per_sec_per_step``,
+      ``train_step_seconds``,
       ``train_steps_per_sec``, ``train_cpu_seconds_per_step``,
       ``train_page_faults_per_step``, ``input_wait_fraction``,
       ``eval_images_per_sec``, ``model_flops_per_image``, ``train_gflops_per_sec``,
@@ -366,6 +368,7 @@ def run_benchmark(
         "compile_seconds": {"train_step": train_compile_seconds,
                             "eval_step": eval_compile_seconds},
         "train_seconds": train_seconds,
+        "train_step_seconds": [float(t) for t in step_seconds],
         "train_steps_per_sec": train_steps_per_sec,
         "train_images_per_sec": train_images_per_sec,
         "train_images_per_sec_per_step": {"min": float(per_step.min()),

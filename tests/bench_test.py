@@ -57,6 +57,9 @@ def _check_schema(result, config, num_steps, num_eval_batches, device_count):
                         result["train_steps_per_sec"] * config.batch_size, rel_tol=1e-9)
     assert math.isclose(result["train_steps_per_sec"],
                         num_steps / result["train_seconds"], rel_tol=1e-9)
+    steps = result["train_step_seconds"]
+    assert len(steps) == num_steps and all(t > 0 for t in steps)
+    assert math.isclose(math.fsum(steps), result["train_seconds"], rel_tol=1e-9)
     per_step = result["train_images_per_sec_per_step"]
     assert 0 < per_step["min"] <= per_step["median"] <= per_step["max"]
     # The mean rate lies between the slowest and the fastest step's.
