@@ -6,7 +6,8 @@ pass on the 16- and 32-channel layers of the gated PixelCNNs (3.6x for a 3x5 ker
 16 -> 32 channels, on a 2-core Zen 3; see ``cpu_kernels.cc``).
 
 The source is compiled with the machine's C++ compiler (``$CXX``, else ``c++``) against
-the XLA FFI headers of the installed jaxlib, for this CPU (``-march=native``), into
+the XLA FFI headers of the installed jaxlib, for this CPU (``-march=native``: AVX-512
+register blocks where the CPU has them, AVX2 ones otherwise), into
 ``$PVAE_JAX_CACHE`` (default ``~/.cache/pvae_jax``), once per source, jaxlib version,
 compiler and CPU model. ``registered()`` is False, and callers keep XLA's own
 computation, where there is no compiler, the build fails (logged once) or
