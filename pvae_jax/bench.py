@@ -240,8 +240,8 @@ def run_benchmark(
     a stall from steady noise. ``train_cpu_seconds_per_step`` is the CPU time of the
     whole process (all threads, input pipeline included) per timed step: on a CPU host
     shared with other work it varies far less than the wall-clock rates, so compare
-    variants by it there. ``train_page_faults_per_step`` counts the process's minor page faults
-    (memory mapped afresh and touched; see ``runtime.MALLOC_ENV``).
+    variants by it there. ``train_page_faults_per_step`` counts the process's minor
+    page faults (memory mapped afresh and touched; see ``runtime.MALLOC_ENV``).
     ``input_wait_fraction`` is the share of the timed steps' wall time the
     host spent in ``next(data_iterator)`` and ``Trainer.put``. Dispatch is
     asynchronous, so that time may overlap the device's work on the running step: it

@@ -37,8 +37,8 @@ namespace {
 typedef float v8 __attribute__((vector_size(32)));
 typedef float v16 __attribute__((vector_size(64)));
 #if defined(__AVX512F__)
-// 32 vector registers: the main block is 12 rows by 2 x 16 columns (24 accumulators),
-// 2.4x the work per pixel of AVX2's block and as many loads per multiply-add as 5 x 2.
+// 32 vector registers: the main block is 12 rows by 2 x 16 columns (24 accumulators):
+// per pixel 24 multiply-adds of 16 lanes for 14 loads, against AVX2's 10 of 8 for 7.
 typedef v16 Wide;
 constexpr int kRowBlock = 12;
 #else
