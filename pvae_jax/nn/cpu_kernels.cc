@@ -50,7 +50,7 @@ constexpr int kRowBlock = 5;
 template <typename V>
 constexpr int Lanes() { return sizeof(V) / sizeof(float); }
 template <typename V>
-inline V Splat(float f) { return f - V{}; }
+inline V Splat(float f) { return f - V{}; }  // a scalar in a vector op is broadcast
 template <typename V>
 inline V Load(const float* p) { V v; std::memcpy(&v, p, sizeof v); return v; }
 template <typename V>
@@ -98,7 +98,7 @@ inline void Block(const float* x_row, const float* dy, float* dk, int64_t m, int
 }
 
 // Rows m .. m + MB of dk over all F columns: two wide vectors at a time, then one,
-// then (with AVX-512) 8 columns, then one by one.
+// then 8 columns (with AVX-512; with AVX2 that is the loop before), then one by one.
 template <int MB>
 inline void Rows(const float* x_row, const float* dy, float* dk, int64_t m, const Shape& s) {
   // Columns t0 .. t1 of the kernel hold these rows; pixel j reads x columns
@@ -112,8 +112,7 @@ inline void Rows(const float* x_row, const float* dy, float* dk, int64_t m, cons
   for (; n + 2 * L <= s.F; n += 2 * L)
     Block<Wide, MB, 2>(x_row, dy + n, dk_m + n, m, jlo, jhi, s);
   for (; n + L <= s.F; n += L) Block<Wide, MB, 1>(x_row, dy + n, dk_m + n, m, jlo, jhi, s);
-  if constexpr (L > 8)
-    for (; n + 8 <= s.F; n += 8) Block<v8, MB, 1>(x_row, dy + n, dk_m + n, m, jlo, jhi, s);
+  for (; n + 8 <= s.F; n += 8) Block<v8, MB, 1>(x_row, dy + n, dk_m + n, m, jlo, jhi, s);
   for (; n < s.F; ++n)
     for (int r = 0; r < MB; ++r) {
       float sum = 0.f;
@@ -139,9 +138,9 @@ void SumRows(const float* x, const float* dy, float* dk, const Shape& s, int64_t
       float* dk_a = dk + a * s.K * s.F;
       int64_t m = 0;
       for (; m + kRowBlock <= s.K; m += kRowBlock) Rows<kRowBlock>(x_row, dy_row, dk_a, m, s);
-      // K is a multiple of C, and so often of 4 (80 = 6 x 12 + 2 x 4 on AVX-512).
-      if constexpr (kRowBlock > 5)
-        for (; m + 4 <= s.K; m += 4) Rows<4>(x_row, dy_row, dk_a, m, s);
+      // K is a multiple of C, and so often of 4 (80 = 6 x 12 + 2 x 4 on AVX-512). Each
+      // entry of dk sums its pixels in the same order whichever block it falls in.
+      for (; m + 4 <= s.K; m += 4) Rows<4>(x_row, dy_row, dk_a, m, s);
       for (; m < s.K; ++m) Rows<1>(x_row, dy_row, dk_a, m, s);
     }
   }
