@@ -14,8 +14,8 @@ from jax.sharding import PartitionSpec as P
 from pvae_jax.nn import conv, cpu_kernels
 
 # (x shape, kernel shape, padding): the gated stacks' kernels, and shapes that leave
-# remainders in both register blocks of the kernel (rows of kw*C: 5 with AVX2, 12 then
-# 4 with AVX-512; columns of F: 16 and 8 with AVX2, 32, 16 and 8 with AVX-512).
+# remainders in both register blocks of the kernel (rows of kw*C: 5 with AVX2, 12 with
+# AVX-512, then 4, then 1; columns of F: 16 and 8 with AVX2, 32, 16 and 8 with AVX-512).
 CASES = [
     ((3, 9, 8, 16), (3, 5, 16, 32), ((2, 0), (2, 2))),  # vertical stack
     ((3, 9, 8, 16), (1, 3, 16, 32), ((0, 0), (2, 0))),  # horizontal stack
