@@ -11,13 +11,22 @@ from jax.sharding import PartitionSpec as P
 from pvae_jax.nn.conv import Conv, conv2d, kernel_gradient
 
 DIMS = ("NHWC", "HWIO", "NHWC")
-# (kernel h, w), padding: vertical stack, horizontal stack, 1x1, full, first layers.
+# (kernel h, w), padding: vertical stack, horizontal stack, 1x1, full, first layers,
+# the vertical-to-horizontal row shift (RowAboveDense), crops and padding past the kernel.
 CASES = [((3, 5), ((2, 0), (2, 2))), ((1, 3), ((0, 0), (2, 0))), ((1, 1), ((0, 0), (0, 0))),
-         ((3, 3), ((1, 1), (1, 1))), ((4, 7), ((3, 0), (3, 3))), ((2, 2), ((0, 1), (1, 0)))]
+         ((3, 3), ((1, 1), (1, 1))), ((4, 7), ((3, 0), (3, 3))), ((2, 2), ((0, 1), (1, 0))),
+         ((1, 1), ((1, -1), (0, 0))), ((3, 3), ((-1, 3), (3, -2)))]
 
 
 def _lax_conv(x, k, padding):
-    return jax.lax.conv_general_dilated(x, k, (1, 1), padding, dimension_numbers=DIMS)
+    """The definition: lax's convolution of the padded (or cropped) input, unpadded.
+
+    The padding is not handed to lax's convolution, which computes some negative
+    paddings wrongly on XLA:CPU (see test_negative_padding_is_a_crop_for_any_channels).
+    """
+    x_pad = jax.lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), *(p + (0,) for p in padding),
+                                                     (0, 0, 0)])
+    return jax.lax.conv_general_dilated(x_pad, k, (1, 1), "VALID", dimension_numbers=DIMS)
 
 
 def _operands(kernel_hw, seed=0, shape=(3, 6, 5, 4), out=6):
@@ -93,7 +102,26 @@ def test_gradients_under_shard_map_with_a_replicated_kernel(kernel_hw, padding):
     np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("padding", [((-1, 0), (0, 0)), ((0, 0),), ((0.5, 0), (0, 0))])
+def test_negative_padding_is_a_crop_for_any_channels():
+    """XLA:CPU (jax 0.10) gets a convolution with padding (-1, 1) wrong for some channel
+    counts (here 8 -> 12, rows past the input read garbage), and such a convolution is
+    the input gradient of padding (1, -1). conv2d never hands XLA a negative padding."""
+    x, k, kd = _operands((1, 1), shape=(2, 5, 6, 8), out=12)
+    for padding in (((-1, 1), (0, 0)), ((1, -1), (0, 0))):
+        y = jax.jit(conv2d, static_argnums=2)(x, k, padding)
+        np.testing.assert_allclose(y, _lax_conv(x, k, padding), rtol=1e-6, atol=1e-6)
+        dy = jax.random.normal(kd, y.shape)
+
+        def loss(conv, padding=padding, dy=dy):
+            return lambda x, k: jnp.sum(conv(x, k, padding) * dy)
+
+        got = jax.jit(jax.grad(loss(conv2d), argnums=(0, 1)))(x, k)
+        want = jax.grad(loss(_lax_conv), argnums=(0, 1))(x, k)
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("padding", [((-6, 0), (0, 0)), ((0, 0),), ((0.5, 0), (0, 0))])
 def test_bad_padding_is_refused(padding):
     x, k, _ = _operands((1, 1))
     with pytest.raises(ValueError, match="padding"):

@@ -19,6 +19,12 @@ instead, on the CPU:
 On other platforms it is XLA's own, except ``kernel_gradient`` for 1x1 kernels.
 Forward and reverse mode, and every order of derivative, work, also under ``vmap``
 and under ``shard_map`` with a replicated kernel.
+
+Any integer padding works, negative (a crop, as in lax) or past the kernel: XLA's
+convolution only ever gets padding between 0 and kernel size - 1, the rest being a pad
+of its output (``_split_padding``), so that the input gradient is the same
+convolution lax's transpose rule makes, without the negative padding that XLA:CPU
+gets wrong for some channel counts.
 """
 
 from __future__ import annotations
@@ -38,9 +44,38 @@ _DIMS_2D = ("NHWC", "HWIO", "NHWC")
 Padding = tuple[tuple[int, int], tuple[int, int]]
 
 
+def _split_padding(padding: Padding, kernel_hw) -> tuple[Padding, Padding]:
+    """(the padding XLA's convolution takes, the rest as a pad of its output).
+
+    XLA's convolution gets the padding up to kernel size - 1: padding beyond that adds
+    output rows that read zeros alone, and negative padding (a crop) removes output
+    rows, so both are a pad of the output. Two reasons: the input gradient is then a
+    convolution whose padding, kernel size - 1 minus this one, is never negative
+    (XLA:CPU 0.10 computes some convolutions with padding (-1, 1) wrongly, e.g. 1x1
+    with 8 -> 12 channels); and a pad of the output fuses into whatever reads it, so
+    the row shift of ``RowAboveDense`` (padding (1, -1), 1x1) never materialises a
+    shifted copy, forward or backward.
+    """
+    conv_padding = tuple((min(max(lo, 0), k - 1), min(max(hi, 0), k - 1))
+                         for (lo, hi), k in zip(padding, kernel_hw, strict=True))
+    rest = tuple((lo - clo, hi - chi)
+                 for (lo, hi), (clo, chi) in zip(padding, conv_padding, strict=True))
+    return conv_padding, rest
+
+
+def _pad_hw(x_BxHxWxC, padding: Padding):
+    """Zeros added to (or, where negative, rows and columns cropped from) H and W."""
+    if not any(p for pair in padding for p in pair):
+        return x_BxHxWxC
+    return jax.lax.pad(x_BxHxWxC, jnp.zeros((), x_BxHxWxC.dtype),
+                       [(0, 0, 0), *((lo, hi, 0) for lo, hi in padding), (0, 0, 0)])
+
+
 def _forward(x_BxHxWxC, kernel_HxWxIxO, padding: Padding):
-    return jax.lax.conv_general_dilated(x_BxHxWxC, kernel_HxWxIxO, (1, 1), padding,
-                                        dimension_numbers=_DIMS_2D)
+    conv_padding, rest = _split_padding(padding, kernel_HxWxIxO.shape[:2])
+    y = jax.lax.conv_general_dilated(x_BxHxWxC, kernel_HxWxIxO, (1, 1), conv_padding,
+                                     dimension_numbers=_DIMS_2D)
+    return _pad_hw(y, rest)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
@@ -52,12 +87,19 @@ def conv2d(x_BxHxWxC: jax.Array, kernel_HxWxIxO: jax.Array, padding: Padding) ->
     Args:
       x_BxHxWxC: the input.
       kernel_HxWxIxO: the kernel, of the input's dtype.
-      padding: ``((top, bottom), (left, right))`` zeros added around the input
-        (ints >= 0).
+      padding: ``((top, bottom), (left, right))`` zeros added around the input (ints;
+        a negative one crops the input, as in lax).
     """
-    if any(int(p) != p or p < 0 for pair in padding for p in pair) or len(padding) != 2:
-        raise ValueError(f"padding must be ((top, bottom), (left, right)) of ints >= 0, got "
+    if len(padding) != 2 or any(len(pair) != 2 or any(int(p) != p for p in pair)
+                                for pair in padding):
+        raise ValueError(f"padding must be ((top, bottom), (left, right)) of ints, got "
                          f"{padding!r}")
+    out_hw = [n + lo + hi - k + 1 for n, (lo, hi), k in
+              zip(x_BxHxWxC.shape[1:3], padding, kernel_HxWxIxO.shape[:2], strict=True)]
+    if min(out_hw) < 1:
+        raise ValueError(f"padding {padding!r} leaves an output of size {out_hw} for an "
+                         f"input of {x_BxHxWxC.shape[1:3]} and a kernel of "
+                         f"{kernel_HxWxIxO.shape[:2]}")
     return _forward(x_BxHxWxC, kernel_HxWxIxO, padding)
 
 
@@ -67,12 +109,13 @@ def _conv2d_jvp(padding, primals, tangents):
     dx, dkernel = tangents
     y = _forward(x, kernel, padding)
     dy = jnp.zeros_like(y)
+    # Under shard_map, x (a batch shard) and a replicated kernel (or their tangents)
+    # vary over different mesh axes; the primitive needs both typed alike, as lax's own
+    # rules do implicitly (reverse mode then sums the kernel's cotangent over them).
     if not isinstance(dx, SymbolicZero):
-        dy = dy + _forward(dx, kernel, padding)
+        vma = _varying(dx) | _varying(kernel)
+        dy = dy + _conv_in_kernel_p.bind(_vary(dx, vma), _vary(kernel, vma), padding=padding)
     if not isinstance(dkernel, SymbolicZero):
-        # Under shard_map, x (a batch shard) and the tangent of a replicated kernel vary
-        # over different mesh axes; the primitive needs both typed alike, as lax's own
-        # rules do implicitly (reverse mode then sums the kernel's cotangent over them).
         vma = _varying(x) | _varying(dkernel)
         dy = dy + _conv_in_kernel_p.bind(_vary(x, vma), _vary(dkernel, vma), padding=padding)
     return y, dy
@@ -162,11 +205,21 @@ def _kernel_gradient_abstract(x, dy, *, kernel_shape, padding):
     return _abstract_like(dy, dy, kernel_shape)
 
 
-def _input_cotangent(ct_BxHoxWoxO, x_shape, kernel_HxWxIxO, padding):
-    (dx,) = jax.linear_transpose(lambda x: _forward(x, kernel_HxWxIxO, padding),
-                                 jax.ShapeDtypeStruct(x_shape, ct_BxHoxWoxO.dtype))(
-        ct_BxHoxWoxO)
-    return dx
+def _input_cotangent(ct_BxHoxWoxO, kernel_HxWxIxO, padding):
+    """The transpose of ``_forward`` in x: the convolution with the flipped kernel, in
+    and out channels swapped, padded by kernel size - 1 minus ``_forward``'s."""
+    kernel_hw = kernel_HxWxIxO.shape[:2]
+    conv_padding, rest = _split_padding(padding, kernel_hw)
+    negated = lambda pads: tuple((-lo, -hi) for lo, hi in pads)  # noqa: E731
+    kernel_t = jnp.flip(kernel_HxWxIxO, (0, 1)).swapaxes(2, 3)
+    if kernel_hw == (1, 1):
+        # Pointwise, so the pad's transpose commutes with it: the product reads ct
+        # itself, and the opposite pad fuses into whatever reads dx.
+        return _pad_hw(_forward(ct_BxHoxWoxO, kernel_t, ((0, 0), (0, 0))), negated(rest))
+    transposed = tuple((k - 1 - lo, k - 1 - hi)
+                       for (lo, hi), k in zip(conv_padding, kernel_hw, strict=True))
+    return jax.lax.conv_general_dilated(_pad_hw(ct_BxHoxWoxO, negated(rest)), kernel_t,
+                                        (1, 1), transposed, dimension_numbers=_DIMS_2D)
 
 
 def _vmapped(fn):
@@ -198,14 +251,13 @@ for _p, _fn, _abstract in ((_conv_in_kernel_p, _conv_in_kernel, _conv_in_kernel_
 # conv(x, k): d/dx^T = the input gradient, d/dk^T = the kernel gradient.
 ad.defbilinear(
     _conv_in_kernel_p,
-    lambda ct, x, k, *, padding: _input_cotangent(ct, x.aval.shape, k, padding),
+    lambda ct, x, k, *, padding: _input_cotangent(ct, k, padding),
     lambda ct, x, k, *, padding: _fast_kernel_gradient(x, ct, tuple(k.aval.shape), padding))
 # kernel_gradient(x, dy) = dk: d/dx^T at dk's cotangent c = the input gradient of
 # conv(., c) at dy; d/ddy^T = conv(x, c).
 ad.defbilinear(
     _kernel_gradient_p,
-    lambda ct, x, dy, *, kernel_shape, padding: _input_cotangent(dy, x.aval.shape, ct,
-                                                                 padding),
+    lambda ct, x, dy, *, kernel_shape, padding: _input_cotangent(dy, ct, padding),
     lambda ct, x, dy, *, kernel_shape, padding: _conv_in_kernel_p.bind(x, ct,
                                                                       padding=padding))
 
@@ -238,7 +290,8 @@ def kernel_gradient(x_BxHxWxC, dy_BxHoxWoxO, kernel_shape, padding: Padding) -> 
     kh, kw, C, F = kernel_shape
     (top, bottom), (left, right) = padding
     B, Ho, Wo, _ = dy_BxHoxWoxO.shape
-    x_pad = jnp.pad(x_BxHxWxC, ((0, 0), (top, bottom), (left, right), (0, 0)))
+    x_pad = jax.lax.pad(x_BxHxWxC, jnp.zeros((), x_BxHxWxC.dtype),
+                        ((0, 0, 0), (top, bottom, 0), (left, right, 0), (0, 0, 0)))
     rows = [x_pad[:, a : a + Ho] for a in range(kh)]
     r_BxHoxWpxKC = jnp.concatenate(rows, axis=-1) if kh > 1 else rows[0]
     Wp = r_BxHoxWpxKC.shape[2]
@@ -272,9 +325,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
     if plain:
         pads = (jax.lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], (1, 1), padding)
                 if isinstance(padding, str) else padding)
-        pads = tuple((int(lo), int(hi)) for lo, hi in pads)
-        if all(p >= 0 for pair in pads for p in pair):
-            return conv2d(lhs, rhs, pads)
+        return conv2d(lhs, rhs, tuple((int(lo), int(hi)) for lo, hi in pads))
     return jax.lax.conv_general_dilated(
         lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
         rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,

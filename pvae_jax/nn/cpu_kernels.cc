@@ -2,8 +2,9 @@
 //
 // dk[a, b, c, f] = sum_{n, i, j} x_pad[n, i + a, j + b, c] * dy[n, i, j, f], x_pad being
 // x with ``top`` zero rows above and ``left`` zero columns before it (and zeros below
-// and after, up to the output's size). x_pad is never built: reads that fall in the
-// padding are skipped (rows) or read as zero (columns). For one output row (n, i) and
+// and after, up to the output's size; a negative ``top`` or ``left``, or an output
+// smaller than x, crops x instead). x_pad is never built: reads that fall outside x
+// are skipped (rows) or read as zero (columns), so any padding works. For one output row (n, i) and
 // one kernel row a, the kw columns and C channels that output pixel j reads are
 // K = kw * C contiguous floats of x_pad, starting at column j. So
 // row a of dk, as a [K, F] matrix, is a sum over pixels of rank-one updates
@@ -181,12 +182,6 @@ ffi::Error KernelGradient(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
         "pvae_kernel_gradient: needs x [B, H, W, C], dy [B, Ho, Wo, F] and a result "
         "[kh, kw * C, F]");
   const Shape s{xd[1], xd[2], xd[3], yd[1], yd[2], yd[3], kd[0], kd[1], top, left};
-  const int64_t kw = s.K / s.C;
-  // The padding below and to the right, implied by the shapes, must be >= 0 too.
-  if (top < 0 || left < 0 || s.Ho + s.kh - 1 - s.H - top < 0 ||
-      s.Wo + kw - 1 - s.W - left < 0)
-    return ffi::Error::InvalidArgument(
-        "pvae_kernel_gradient: the shapes and padding do not fit a stride-1 convolution");
   const int64_t rows = xd[0] * s.Ho, size = s.kh * s.K * s.F;
   float* out = dk->typed_data();
   // Chunks of at least 64 rows (a 28x28 image is 28): below that a thread's share is
