@@ -1,5 +1,5 @@
-"""The compiled CPU kernel gradient: against lax, sharded, summed in a fixed order, and
-the fallback when it cannot be built."""
+"""The compiled CPU kernels (kernel gradient, forward pass): against lax, sharded, summed
+in a fixed order, and the fallback when they cannot be built."""
 
 import ctypes
 import platform
@@ -14,8 +14,11 @@ from jax.sharding import PartitionSpec as P
 from pvae_jax.nn import conv, cpu_kernels
 
 # (x shape, kernel shape, padding): the gated stacks' kernels, and shapes that leave
-# remainders in both register blocks of the kernel (rows of kw*C: 5 with AVX2, 12 with
-# AVX-512, then 4, then 1; columns of F: 16 and 8 with AVX2, 32, 16 and 8 with AVX-512).
+# remainders in every register block. Kernel gradient: rows of kw*C 5 with AVX2, 12
+# with AVX-512, then 4, then 1; columns of F 16 and 8 with AVX2, 32, 16 and 8 with
+# AVX-512, then 1. Forward pass: the same columns, then pixels of a row 12, 6, 4, 2, 1
+# (AVX-512, by 32 columns), 24, 12, 4, 2, 1 (by 16) or 6, 4, 2, 1 (AVX2, by 16); the
+# 31-pixel rows below take most of these.
 CASES = [
     ((3, 9, 8, 16), (3, 5, 16, 32), ((2, 0), (2, 2))),  # vertical stack
     ((3, 9, 8, 16), (1, 3, 16, 32), ((0, 0), (2, 0))),  # horizontal stack
@@ -26,6 +29,7 @@ CASES = [
     ((2, 6, 5, 3), (2, 3, 3, 16), ((2, 3), (4, 1))),  # border pixels reading only padding
     ((2, 5, 6, 8), (1, 1, 8, 12), ((1, -1), (0, 0))),  # the row shift of RowAboveDense
     ((2, 6, 5, 3), (3, 3, 3, 16), ((-1, 2), (3, -1))),  # crops
+    ((2, 3, 31, 4), (2, 3, 4, 59), ((1, 0), (2, 0))),  # F = 32 + 16 + 8 + 3
 ]
 
 
@@ -76,42 +80,84 @@ def test_the_avx2_blocks_equal_lax_on_any_x86_cpu(monkeypatch, tmp_path):
     target = "pvae_kernel_gradient_avx2"
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(library.PvaeKernelGradient),
                                 platform="cpu")
+    jax.ffi.register_ffi_target("pvae_conv_avx2", jax.ffi.pycapsule(library.PvaeConv),
+                                platform="cpu")
     monkeypatch.setattr(cpu_kernels, "_TARGET", target)
+    monkeypatch.setattr(cpu_kernels, "_CONV_TARGET", "pvae_conv_avx2")
+    assert library.PvaeWideBlocks() == 0
     for x_shape, kernel_shape, padding in CASES:
         x, dy = _operands(x_shape, kernel_shape, padding)
         got = jax.jit(cpu_kernels._ffi_kernel_gradient, static_argnums=(2, 3))(
             x, dy, kernel_shape, padding)
         want = _lax_kernel_gradient(x, dy, kernel_shape, padding)
         np.testing.assert_allclose(got.reshape(kernel_shape), want, rtol=1e-5, atol=1e-4)
+        k = jax.random.normal(jax.random.key(1), kernel_shape)
+        got = jax.jit(cpu_kernels.conv, static_argnums=(2, 3))(x, k, padding, False)
+        np.testing.assert_allclose(got, _lax_conv(x, k, padding), rtol=1e-5, atol=1e-5)
 
 
-def test_conv2d_takes_the_compiled_kernel_gradient():
+def _linear_loss_grad(conv_fn, x, dy):
+    # Linear in the output, so the kernel gradient does not depend on how the forward
+    # pass rounded (which differs where conv2d takes the compiled forward pass too).
+    return jax.jit(jax.grad(lambda k: jnp.sum(conv_fn(x, k) * dy)))
+
+
+def test_conv2d_takes_the_compiled_kernels():
     x_shape, kernel_shape, padding = CASES[0]
-    x, _ = _operands(x_shape, kernel_shape, padding)
+    x, dy = _operands(x_shape, kernel_shape, padding)
     k = jax.random.normal(jax.random.key(1), kernel_shape)
-    grad = jax.jit(jax.grad(lambda k: jnp.sum(jnp.sin(conv.conv2d(x, k, padding)))))
+    grad = _linear_loss_grad(lambda x, k: conv.conv2d(x, k, padding), x, dy)
     assert "pvae_kernel_gradient" in grad.lower(k).compile().as_text()
-    want = jax.grad(lambda k: jnp.sum(jnp.sin(jax.lax.conv_general_dilated(
-        x, k, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC")))))(k)
-    np.testing.assert_allclose(grad(k), want, rtol=1e-5, atol=1e-4)
+    # The forward pass (32 output channels) is ours where it measured faster.
+    forward = jax.jit(lambda x, k: conv.conv2d(x, k, padding))
+    assert ("pvae_conv" in forward.lower(x, k).compile().as_text()
+            ) == cpu_kernels.forward_enabled()
+    np.testing.assert_allclose(forward(x, k), _lax_conv(x, k, padding), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(grad(k), _lax_kernel_gradient(x, dy, kernel_shape, padding),
+                               rtol=1e-5, atol=1e-4)
 
 
 def test_suspended_traces_keep_xla_gradients():
     x_shape, kernel_shape, padding = CASES[0]
-    x, _ = _operands(x_shape, kernel_shape, padding)
+    x, dy = _operands(x_shape, kernel_shape, padding)
     k = jax.random.normal(jax.random.key(1), kernel_shape)
 
     def grad():  # a new function each call, so traced afresh
-        return jax.jit(jax.grad(lambda k: jnp.sum(jnp.sin(conv.conv2d(x, k, padding)))))
+        return _linear_loss_grad(lambda x, k: conv.conv2d(x, k, padding), x, dy)
 
     with cpu_kernels.suspended():
-        assert not cpu_kernels.enabled()
+        assert not cpu_kernels.enabled() and not cpu_kernels.forward_enabled()
         xla = grad()
-        assert "pvae_kernel_gradient" not in xla.lower(k).compile().as_text()
+        hlo = xla.lower(k).compile().as_text()
+        assert "pvae_kernel_gradient" not in hlo and "pvae_conv" not in hlo
     assert cpu_kernels.enabled()
     ours = grad()
     assert "pvae_kernel_gradient" in ours.lower(k).compile().as_text()
     np.testing.assert_allclose(xla(k), ours(k), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("x_shape, kernel_shape, padding", CASES)
+def test_forward_equals_lax(x_shape, kernel_shape, padding):
+    x, _ = _operands(x_shape, kernel_shape, padding)
+    k = jax.random.normal(jax.random.key(1), kernel_shape)
+    got = jax.jit(cpu_kernels.conv, static_argnums=2)(x, k, padding)
+    np.testing.assert_allclose(got, _lax_conv(x, k, padding), rtol=1e-5, atol=1e-5)
+
+
+def test_a_sharded_batch_is_convolved_per_device():
+    n = jax.device_count()
+    mesh = jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    x_shape, kernel_shape, padding = CASES[0]
+    x, _ = _operands((2 * n, *x_shape[1:]), kernel_shape, padding)
+    k = jax.random.normal(jax.random.key(1), kernel_shape)
+    fn = jax.jit(cpu_kernels.conv, static_argnums=2)
+    xs = jax.device_put(x, NamedSharding(mesh, P("data")))
+    hlo = fn.lower(xs, k, padding).compile().as_text()
+    # Each device convolves its own images: no collective at all.
+    assert "all-gather" not in hlo and "all-reduce" not in hlo
+    y = fn(xs, k, padding)
+    assert y.sharding.spec[0] == "data"
+    np.testing.assert_allclose(y, _lax_conv(x, k, padding), rtol=1e-5, atol=1e-5)
 
 
 def test_a_sharded_batch_is_summed_per_device_then_all_reduced():

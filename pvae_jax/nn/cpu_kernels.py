@@ -1,9 +1,11 @@
 """Compiled CPU kernels, built from ``cpu_kernels.cc`` on first use.
 
-One kernel so far: the kernel gradient of a stride-1 NHWC convolution
+Two kernels, for a stride-1 NHWC convolution: its kernel gradient
 (``kernel_gradient``), which XLA:CPU computes several times slower than its forward
 pass on the 16- and 32-channel layers of the gated PixelCNNs (3.6x for a 3x5 kernel,
-16 -> 32 channels, on a 2-core Zen 3; see ``cpu_kernels.cc``).
+16 -> 32 channels, on a 2-core Zen 3; see ``cpu_kernels.cc``), and its forward pass
+(``conv``), which ``nn/conv.py`` takes where it measured faster than XLA's
+(``forward_enabled``: AVX-512 builds, output channels a multiple of 32).
 
 The source is compiled with the machine's C++ compiler (``$CXX``, else ``c++``) against
 the XLA FFI headers of the installed jaxlib, for this CPU (``-march=native``: AVX-512
@@ -39,6 +41,7 @@ ENABLE_VAR = "PVAE_JAX_CPU_KERNELS"
 CACHE_VAR = "PVAE_JAX_CACHE"
 _SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 _TARGET = "pvae_kernel_gradient"
+_CONV_TARGET = "pvae_conv"
 
 
 def _cpu_model() -> str:
@@ -102,13 +105,14 @@ def registered() -> bool:
     cache_dir = Path(os.environ.get(CACHE_VAR, Path.home() / ".cache" / "pvae_jax"))
     try:
         library = ctypes.cdll.LoadLibrary(str(_build(compiler, cache_dir)))
-        handler = library.PvaeKernelGradient
+        handlers = {_TARGET: library.PvaeKernelGradient, _CONV_TARGET: library.PvaeConv}
     except (OSError, AttributeError, subprocess.CalledProcessError) as e:
         detail = getattr(e, "stderr", "") or e
         logging.warning("pvae_jax: building the CPU kernels failed, so XLA's own "
                         "convolution gradients are used: %s", detail)
         return False
-    jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(handler), platform="cpu")
+    for target, handler in handlers.items():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), platform="cpu")
     _library = library
     return True
 
@@ -120,6 +124,14 @@ def enabled() -> bool:
     """Whether ``conv2d`` traced now takes the compiled kernels: ``registered()`` and
     not inside ``suspended()``."""
     return not _suspended and registered()
+
+
+def forward_enabled() -> bool:
+    """Whether ``conv2d`` traced now takes the compiled forward pass (for float32 and
+    output channels a multiple of 32): ``enabled()`` on a CPU with the AVX-512 blocks.
+    With AVX2 blocks it measured slower than XLA's (its input gradients, 16 output
+    channels, are slower with either, so they stay XLA's)."""
+    return enabled() and bool(_library.PvaeWideBlocks())
 
 
 @contextlib.contextmanager
@@ -183,6 +195,56 @@ _partitioned_kernel_gradient.def_partition(
     reduction_factors=("b",),
     need_replication_factors=("h", "w", "c", "ho", "wo"),
 )
+
+
+def _ffi_conv(x_BxHxWxC, kernel_KHxKWCxF, padding):
+    (top, bottom), (left, right) = padding
+    B, H, W, C = x_BxHxWxC.shape
+    kh, kwc, F = kernel_KHxKWCxF.shape
+    out_shape = (B, H + top + bottom - kh + 1, W + left + right - kwc // C + 1, F)
+    return jax.ffi.ffi_call(_CONV_TARGET, _float32_like(x_BxHxWxC, out_shape),
+                            vmap_method="sequential")(
+        x_BxHxWxC, kernel_KHxKWCxF, top=np.int64(top), left=np.int64(left))
+
+
+def _conv_partition(padding, mesh, arg_shapes, result_shape):
+    # Each device convolves its own images with the whole kernel: nothing to reduce.
+    batch = NamedSharding(mesh, PartitionSpec(_batch_axes(arg_shapes) or None, None, None,
+                                              None))
+    lower = functools.partial(_ffi_conv, padding=padding)
+    return mesh, lower, batch, (batch, NamedSharding(mesh, PartitionSpec()))
+
+
+@functools.partial(custom_partitioning, static_argnums=(2,))
+def _partitioned_conv(x_BxHxWxC, kernel_KHxKWCxF, padding):
+    return _ffi_conv(x_BxHxWxC, kernel_KHxKWCxF, padding)
+
+
+_partitioned_conv.def_partition(
+    _conv_partition,
+    infer_sharding_from_operands=lambda padding, mesh, arg_shapes, result_shape:
+        NamedSharding(mesh, PartitionSpec(_batch_axes(arg_shapes) or None, None, None, None)),
+    sharding_rule="b h w c, kh kc f -> b ho wo f",
+    need_replication_factors=("h", "w", "c", "kh", "kc", "f", "ho", "wo"),
+)
+
+
+def conv(x_BxHxWxC, kernel_HxWxIxO, padding, partitioned: bool = True) -> jax.Array:
+    """``lax.conv_general_dilated(x, kernel, (1, 1), padding)`` (NHWC, HWIO, any
+    integer padding) in float32 by the compiled kernel; RuntimeError where the kernels
+    are unavailable.
+
+    With ``partitioned`` (for ``jit`` over sharded arrays) each device convolves its
+    own images; without it (inside ``shard_map``) the call is on the arrays as they are.
+    """
+    if not registered():
+        raise RuntimeError(f"the compiled CPU kernels are unavailable ({ENABLE_VAR}=0, no "
+                           "C++ compiler, or a failed build: see the log)")
+    padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+    kh, kw, C, F = kernel_HxWxIxO.shape
+    kernel = kernel_HxWxIxO.astype(jnp.float32).reshape(kh, kw * C, F)
+    call = _partitioned_conv if partitioned else _ffi_conv
+    return call(x_BxHxWxC.astype(jnp.float32), kernel, padding)
 
 
 def kernel_gradient(x_BxHxWxC, dy_BxHoxWoxF, kernel_shape, padding,
