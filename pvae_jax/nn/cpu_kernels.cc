@@ -1,24 +1,25 @@
-// The kernel gradient of a stride-1 NHWC convolution, for XLA:CPU through the XLA FFI.
+// Two kernels of a stride-1 NHWC convolution for XLA:CPU, through the XLA FFI: its
+// kernel gradient (pvae_kernel_gradient) and its forward pass (pvae_conv, ConvRows).
 //
 // dk[a, b, c, f] = sum_{n, i, j} x_pad[n, i + a, j + b, c] * dy[n, i, j, f], x_pad being
 // x with ``top`` zero rows above and ``left`` zero columns before it (and zeros below
 // and after, up to the output's size; a negative ``top`` or ``left``, or an output
 // smaller than x, crops x instead). x_pad is never built: reads that fall outside x
-// are skipped (rows) or read as zero (columns), so any padding works. For one output row (n, i) and
-// one kernel row a, the kw columns and C channels that output pixel j reads are
-// K = kw * C contiguous floats of x_pad, starting at column j. So
-// row a of dk, as a [K, F] matrix, is a sum over pixels of rank-one updates
-// x_window(j) (K) times dy(j) (F), accumulated here in registers over the Wo pixels of
-// an output row: 5 rows of K by 16 columns of F at a time with AVX2, 12 by 32 with
-// AVX-512. XLA:CPU instead runs a convolution that contracts over the batch alone (on a
-// 2-core Zen 3, 5.6 ms against 1.6 ms here for a 3x5 kernel, 16 -> 32 channels, 10
-// images of 28x28, one core; on a 2-core Xeon with AVX-512, 50 images, the AVX-512
-// blocks take 4.9-5.0 ms against 7.9 ms for the AVX2 ones).
+// are skipped (rows) or read as zero (columns), so any padding works. For one output
+// row (n, i) and one kernel row a, the kw columns and C channels that output pixel j
+// reads are K = kw * C contiguous floats of x_pad, starting at column j. So row a of
+// dk, as a [K, F] matrix, is a sum over pixels of rank-one updates x_window(j) (K)
+// times dy(j) (F), accumulated here in registers over the Wo pixels of an output row:
+// 5 rows of K by 16 columns of F at a time with AVX2, 12 by 32 with AVX-512. XLA:CPU
+// instead runs a convolution that contracts over the batch alone (on a 2-core Zen 3,
+// 5.6 ms against 1.6 ms here for a 3x5 kernel, 16 -> 32 channels, 10 images of 28x28,
+// one core; on a 2-core Xeon with AVX-512, 50 images, the AVX-512 blocks take 4.9-5.0
+// ms against 7.9 ms for the AVX2 ones).
 //
-// Rows (n, i) are split into a fixed number of chunks, each summed into its own buffer
-// and the buffers added in order: the result does not depend on which thread ran
-// which chunk. The calling thread takes chunks too and waits only for chunks other
-// threads have started, so it never waits on a busy pool.
+// Rows (n, i) are split into a fixed number of chunks (RunChunks). For the kernel
+// gradient each is summed into its own buffer and the buffers added in order: the
+// result does not depend on which thread ran which chunk. The forward pass writes
+// each chunk's rows of y directly.
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
@@ -325,8 +326,8 @@ ffi::Error Conv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::
   const Shape s{xd[1], xd[2], xd[3], yd[1], yd[2], yd[3], kd[0], kd[1], top, left};
   const int64_t rows = xd[0] * s.Ho;
   // Each chunk writes its own rows of y: nothing to add up afterwards.
-  RunChunks(pool, NumChunks(pool, rows, 16), [&](int64_t c) {
-    const int64_t count = NumChunks(pool, rows, 16);
+  const int64_t count = NumChunks(pool, rows, 16);
+  RunChunks(pool, count, [&](int64_t c) {
     ConvRows(x.typed_data(), k.typed_data(), y->typed_data(), s, c * rows / count,
              (c + 1) * rows / count);
   });
