@@ -124,19 +124,23 @@ def _cpu_forward(x_BxHxWxC, kernel_HxWxIxO, *, padding):
 def _fast_forward(x_BxHxWxC, kernel_HxWxIxO, padding):
     """``_forward``, by the compiled kernel when this runs on the CPU. Its derivatives,
     and its batched form under vmap, are those of ``_conv_in_kernel_p``."""
-    xla = functools.partial(_forward, padding=padding)
+    return _by_platform(functools.partial(_cpu_forward, padding=padding),
+                        functools.partial(_forward, padding=padding), x_BxHxWxC, kernel_HxWxIxO)
 
+
+def _by_platform(cpu, default, a, b):
+    """``cpu(a, b)`` where this runs on the CPU, else ``default(a, b)``; under vmap
+    ``default``, batched (the compiled kernels have no batched form)."""
     @jax.custom_batching.custom_vmap
-    def by_platform(x, k):
-        return jax.lax.platform_dependent(
-            x, k, cpu=functools.partial(_cpu_forward, padding=padding), default=xla)
+    def call(a, b):
+        return jax.lax.platform_dependent(a, b, cpu=cpu, default=default)
 
-    @by_platform.def_vmap
-    def _(axis_size, in_batched, x, k):
-        axes = tuple(0 if b else None for b in in_batched)
-        return jax.vmap(xla, in_axes=axes)(x, k), True
+    @call.def_vmap
+    def _(axis_size, in_batched, a, b):
+        axes = tuple(0 if batched else None for batched in in_batched)
+        return jax.vmap(default, in_axes=axes)(a, b), True
 
-    return by_platform(x_BxHxWxC, kernel_HxWxIxO)
+    return call(a, b)
 
 
 @_fast_forward.defjvp
@@ -207,20 +211,9 @@ def _fast_kernel_gradient(x_BxHxWxC, dy_BxHoxWoxO, kernel_shape, padding):
     """``_kernel_gradient_p``, by the compiled kernel when this runs on the CPU. Its
     derivatives, and its batched form under vmap, are ``_kernel_gradient_p``'s."""
     params = dict(kernel_shape=kernel_shape, padding=padding)
-    xla = functools.partial(_kernel_gradient_p.bind, **params)
-
-    @jax.custom_batching.custom_vmap
-    def by_platform(x, dy):
-        return jax.lax.platform_dependent(
-            x, dy, cpu=functools.partial(_cpu_kernel_gradient, **params), default=xla)
-
-    @by_platform.def_vmap
-    def _(axis_size, in_batched, x, dy):
-        # The compiled kernel has no batched form.
-        axes = tuple(0 if b else None for b in in_batched)
-        return jax.vmap(xla, in_axes=axes)(x, dy), True
-
-    return by_platform(x_BxHxWxC, dy_BxHoxWoxO)
+    return _by_platform(functools.partial(_cpu_kernel_gradient, **params),
+                        functools.partial(_kernel_gradient_p.bind, **params),
+                        x_BxHxWxC, dy_BxHoxWoxO)
 
 
 @_fast_kernel_gradient.defjvp

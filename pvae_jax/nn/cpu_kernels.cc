@@ -334,25 +334,22 @@ ffi::Error Conv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::
   return ffi::Error::Success();
 }
 
+// Both kernels take the pool, two float32 arrays, one result and the padding's top and
+// left.
+auto Binding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Ret<ffi::Buffer<ffi::F32>>()
+      .Attr<int64_t>("top")
+      .Attr<int64_t>("left");
+}
+
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(PvaeKernelGradient, KernelGradient,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("top")
-                                  .Attr<int64_t>("left"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(PvaeConv, Conv,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("top")
-                                  .Attr<int64_t>("left"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PvaeKernelGradient, KernelGradient, Binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PvaeConv, Conv, Binding());
 
 // 1 where this build has the AVX-512 blocks: the forward pass is measured faster than
 // XLA's there only.
