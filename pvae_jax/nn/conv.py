@@ -80,7 +80,6 @@ def _forward(x_BxHxWxC, kernel_HxWxIxO, padding: Padding):
     return _pad_hw(y, rest)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
 def conv2d(x_BxHxWxC: jax.Array, kernel_HxWxIxO: jax.Array, padding: Padding) -> jax.Array:
     """``lax.conv_general_dilated(x, kernel, (1, 1), padding)`` in NHWC/HWIO/NHWC.
 
@@ -117,13 +116,14 @@ def _cpu_forward(x_BxHxWxC, kernel_HxWxIxO, *, padding):
     conv_padding, rest = _split_padding(padding, kernel_HxWxIxO.shape[:2])
     y = cpu_kernels.conv(x_BxHxWxC, kernel_HxWxIxO, conv_padding,
                          partitioned=not _varying(x_BxHxWxC))
-    return _pad_hw(y.astype(x_BxHxWxC.dtype), rest)
+    return _pad_hw(y, rest)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
 def _fast_forward(x_BxHxWxC, kernel_HxWxIxO, padding):
-    """``_forward``, by the compiled kernel when this runs on the CPU. Its derivatives,
-    and its batched form under vmap, are those of ``_conv_in_kernel_p``."""
+    """``_forward``, by the compiled kernel when this runs on the CPU (``conv2d`` once
+    its arguments are checked). Its tangent goes through ``_conv_in_kernel_p``, so its
+    kernel gradient is ours; under vmap it is ``_forward`` batched."""
     return _by_platform(functools.partial(_cpu_forward, padding=padding),
                         functools.partial(_forward, padding=padding), x_BxHxWxC, kernel_HxWxIxO)
 
@@ -143,15 +143,7 @@ def _by_platform(cpu, default, a, b):
     return call(a, b)
 
 
-@_fast_forward.defjvp
 def _fast_forward_jvp(padding, primals, tangents):
-    (x, kernel), (dx, dkernel) = primals, tangents
-    return (_fast_forward(x, kernel, padding),
-            _conv_in_kernel_p.bind(dx, kernel, padding=padding)
-            + _conv_in_kernel_p.bind(x, dkernel, padding=padding))
-
-
-def _conv2d_jvp(padding, primals, tangents):
     # The tangent is linear in (dx, dk); reverse mode transposes it.
     x, kernel = primals
     dx, dkernel = tangents
@@ -169,12 +161,12 @@ def _conv2d_jvp(padding, primals, tangents):
     return y, dy
 
 
-conv2d.defjvp(_conv2d_jvp, symbolic_zeros=True)
+_fast_forward.defjvp(_fast_forward_jvp, symbolic_zeros=True)
 
 
-# conv2d's derivative in its kernel goes through two primitives of its own, so that
-# its kernel gradient is ours: _conv_in_kernel_p, conv(x, dkernel) (the tangent;
-# lax's convolution), and _kernel_gradient_p (as lax would, but 1x1 kernels by
+# conv2d's tangent goes through two primitives of its own, so that
+# its kernel gradient is ours: _conv_in_kernel_p, conv(x, k) with x or k the tangent
+# (lax's convolution), and _kernel_gradient_p (as lax would, but 1x1 kernels by
 # kernel_gradient). Both are bilinear and each transposes to the other, so every order
 # of derivative works; the first-order kernel gradient, the one training needs, is
 # _fast_kernel_gradient, which takes the compiled kernel on the CPU.

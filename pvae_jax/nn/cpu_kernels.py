@@ -100,7 +100,7 @@ def registered() -> bool:
     compiler = _compiler()
     if compiler is None:
         logging.warning("pvae_jax: no C++ compiler ($CXX or c++) found; the CPU kernels "
-                        "are off and XLA's own convolution gradients are used")
+                        "are off and XLA's own convolutions are used")
         return False
     cache_dir = Path(os.environ.get(CACHE_VAR, Path.home() / ".cache" / "pvae_jax"))
     try:
@@ -109,7 +109,7 @@ def registered() -> bool:
     except (OSError, AttributeError, subprocess.CalledProcessError) as e:
         detail = getattr(e, "stderr", "") or e
         logging.warning("pvae_jax: building the CPU kernels failed, so XLA's own "
-                        "convolution gradients are used: %s", detail)
+                        "convolutions are used: %s", detail)
         return False
     for target, handler in handlers.items():
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), platform="cpu")
@@ -129,14 +129,13 @@ def enabled() -> bool:
 def forward_enabled() -> bool:
     """Whether ``conv2d`` traced now takes the compiled forward pass (for float32 and
     output channels a multiple of 32): ``enabled()`` on a CPU with the AVX-512 blocks.
-    With AVX2 blocks it measured slower than XLA's (its input gradients, 16 output
-    channels, are slower with either, so they stay XLA's)."""
+    The AVX2 blocks, and either for 16 output channels, measured slower than XLA's."""
     return enabled() and bool(_library.PvaeWideBlocks())
 
 
 @contextlib.contextmanager
 def suspended():
-    """Functions traced inside keep XLA's own gradients: e.g. so that XLA's cost
+    """Functions traced inside keep XLA's own convolutions: e.g. so that XLA's cost
     analysis, which counts no FLOPs in a custom call, counts them all. Only tracing
     looks at this; an already traced (or cached) function is as it was."""
     global _suspended
@@ -170,10 +169,15 @@ def _batch_axes(arg_shapes) -> tuple[str, ...]:
     return () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
 
 
+def _batch_sharding(mesh, arg_shapes) -> NamedSharding:
+    """A 4-D array sharded over the batch as the first argument is, nothing else."""
+    return NamedSharding(mesh, PartitionSpec(_batch_axes(arg_shapes) or None, None, None, None))
+
+
 def _partition(kernel_shape, padding, mesh, arg_shapes, result_shape):
     # Sharded over the batch only: each device sums its own images, then one all-reduce.
     axes = _batch_axes(arg_shapes)
-    arg_sharding = NamedSharding(mesh, PartitionSpec(axes or None, None, None, None))
+    arg_sharding = _batch_sharding(mesh, arg_shapes)
 
     def lower(x, dy):
         dk = _ffi_kernel_gradient(x, dy, kernel_shape, padding)
@@ -209,8 +213,7 @@ def _ffi_conv(x_BxHxWxC, kernel_KHxKWCxF, padding):
 
 def _conv_partition(padding, mesh, arg_shapes, result_shape):
     # Each device convolves its own images with the whole kernel: nothing to reduce.
-    batch = NamedSharding(mesh, PartitionSpec(_batch_axes(arg_shapes) or None, None, None,
-                                              None))
+    batch = _batch_sharding(mesh, arg_shapes)
     lower = functools.partial(_ffi_conv, padding=padding)
     return mesh, lower, batch, (batch, NamedSharding(mesh, PartitionSpec()))
 
@@ -223,7 +226,7 @@ def _partitioned_conv(x_BxHxWxC, kernel_KHxKWCxF, padding):
 _partitioned_conv.def_partition(
     _conv_partition,
     infer_sharding_from_operands=lambda padding, mesh, arg_shapes, result_shape:
-        NamedSharding(mesh, PartitionSpec(_batch_axes(arg_shapes) or None, None, None, None)),
+        _batch_sharding(mesh, arg_shapes),
     sharding_rule="b h w c, kh kc f -> b ho wo f",
     need_replication_factors=("h", "w", "c", "kh", "kc", "f", "ho", "wo"),
 )
