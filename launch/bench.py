@@ -23,8 +23,10 @@ and prints the same JSON.
 
 On Linux with glibc the script restarts itself once with tuned malloc settings
 (runtime.MALLOC_ENV: transparent huge pages for XLA:CPU's per-step buffers, one
-arena); PVAE_JAX_MALLOC_TUNING=0, or GLIBC_TUNABLES or any MALLOC_* variable of your
-own, keeps the allocator's defaults.
+arena) and, where a C++ compiler builds it, the block cache of pvae_jax/big_blocks.cc
+preloaded, which keeps those buffers mapped from step to step; PVAE_JAX_MALLOC_TUNING=0,
+or GLIBC_TUNABLES or any MALLOC_* variable of your own, keeps the allocator's defaults
+(an LD_PRELOAD of your own keeps the settings but not the block cache).
 """
 
 import json

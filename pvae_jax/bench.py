@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from pvae_jax import data, models, sampling, train
+from pvae_jax import data, models, runtime, sampling, train
 from pvae_jax.data import pipeline
 from pvae_jax.nn import cpu_kernels
 
@@ -206,6 +206,8 @@ def _context(config: ml_collections.ConfigDict, config_name: str | None,
         "jax_version": jax.__version__,
         # Whether conv2d's kernel gradients ran on the compiled CPU kernel.
         "cpu_kernels": device.platform == "cpu" and cpu_kernels.enabled(),
+        # Whether XLA's step buffers stayed mapped between steps (runtime.py).
+        "block_cache": runtime.block_cache_loaded(),
         "python_version": platform.python_version(),
         "cpu_count": os.cpu_count(),
         "cpu_affinity_count": affinity,

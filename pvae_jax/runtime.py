@@ -6,12 +6,15 @@ import ctypes
 import logging
 import os
 import platform
+import subprocess
 import sys
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
 import jax
 from absl import logging as absl_logging
 
+from pvae_jax import native
 from pvae_jax.checkpointing import CheckpointError
 
 # Libraries whose INFO records (a dozen lines per checkpoint) would drown the progress.
@@ -20,13 +23,15 @@ _CHATTY = ("/orbax/", "/grain/", "/jax/", "/tensorflow_datasets/")
 
 # glibc malloc settings for XLA:CPU, read by glibc only when a process starts (hence
 # the re-exec below). XLA:CPU allocates each step's temporaries as one block of
-# hundreds of MB (341 MB per device for the MNIST gated PixelVAE at batch 100), far
-# above glibc's mmap threshold (at most 32 MB), so every step maps fresh memory and
-# takes a page fault per 4 KB page on first touch: 167k faults per step there.
-# hugetlb=1 has malloc ask for transparent huge pages (madvise), which cut that to 1.1k
-# faults per step and the step's CPU time by a sixth. One arena for XLA's worker
-# threads, with mmap and trim thresholds raised so that buffers of a few MB stay in
-# the heap between steps, lowered peak RSS by about 0.1 GB.
+# hundreds of MB (329 MB per device for gated_noup at batch 100 on 2 devices), far
+# above glibc's mmap threshold (at most 32 MB), so glibc maps fresh memory for it every
+# step, which takes a page fault per page on first touch: 167k faults per step for
+# the MNIST gated PixelVAE. hugetlb=1 has malloc ask for transparent huge pages
+# (madvise), which cut that to 1.1k faults per step and the step's CPU time by a
+# sixth. One arena for XLA's worker threads, with mmap and trim thresholds raised so
+# that buffers of a few MB stay in the heap between steps, lowered peak RSS by about
+# 0.1 GB. The block cache (``big_blocks.cc``, preloaded where it builds) then keeps the
+# step's blocks mapped from one step to the next.
 MALLOC_TUNABLES = ":".join([
     "glibc.malloc.hugetlb=1",
     "glibc.malloc.arena_max=1",
@@ -38,6 +43,10 @@ MALLOC_ENV = {"GLIBC_TUNABLES": MALLOC_TUNABLES}
 MALLOC_TUNING_VAR = "PVAE_JAX_MALLOC_TUNING"
 # Set in the re-executed process, so that it never re-executes again.
 _REEXECUTED_VAR = "PVAE_JAX_MALLOC_REEXECUTED"
+# The block cache's library, in the re-executed process (which then takes it out of
+# LD_PRELOAD, so that the processes it starts do not load it).
+_PRELOADED_VAR = "PVAE_JAX_PRELOADED"
+_BLOCK_CACHE_SOURCE = Path(__file__).with_name("big_blocks.cc")
 
 
 def on_glibc() -> bool:
@@ -46,9 +55,13 @@ def on_glibc() -> bool:
 
 
 def malloc_tuning_env(environ: Mapping[str, str] | None = None,
-                      script: str | None = None) -> dict[str, str] | None:
+                      script: str | None = None,
+                      block_cache: Path | None = None) -> dict[str, str] | None:
     """The environment to re-execute this process with for ``MALLOC_ENV``, or None when
     it should run as it is.
+
+    With ``block_cache`` (the library of ``big_blocks.cc``) it is preloaded too, unless
+    ``LD_PRELOAD`` is set already (another allocator, say: the user's choice wins).
 
     None when: not Linux with glibc; ``PVAE_JAX_MALLOC_TUNING=0``; this process is
     already the re-executed one; the user set ``GLIBC_TUNABLES`` or any ``MALLOC_*``
@@ -69,21 +82,48 @@ def malloc_tuning_env(environ: Mapping[str, str] | None = None,
         return None
     if script in ("", "-", "-c") or not os.path.isfile(script):
         return None
-    return {**environ, **MALLOC_ENV, _REEXECUTED_VAR: "1"}
+    env = {**environ, **MALLOC_ENV, _REEXECUTED_VAR: "1"}
+    if block_cache is not None and not environ.get("LD_PRELOAD"):
+        env["LD_PRELOAD"] = env[_PRELOADED_VAR] = str(block_cache)
+    return env
+
+
+def _block_cache_library() -> Path | None:
+    """``big_blocks.cc`` built (``native.build``), or None without a compiler or where
+    the build fails (logged): the process then runs with glibc's malloc alone."""
+    compiler = native.compiler()
+    if compiler is None:
+        return None
+    try:
+        return native.build(_BLOCK_CACHE_SOURCE, compiler, native.cache_dir())
+    except (OSError, subprocess.CalledProcessError) as e:
+        logging.warning("pvae_jax: building the block cache failed, so glibc's malloc "
+                        "alone is used: %s", getattr(e, "stderr", "") or e)
+        return None
+
+
+def block_cache_loaded() -> bool:
+    """Whether this process runs with the block cache of ``big_blocks.cc``."""
+    return on_glibc() and hasattr(ctypes.CDLL(None), "pvae_release_idle_blocks")
 
 
 def reexec_with_malloc_tuning() -> None:
-    """Restarts this launcher script with ``MALLOC_ENV`` set, if it is not set yet.
+    """Restarts this launcher script with ``MALLOC_ENV`` set and the block cache of
+    ``big_blocks.cc`` preloaded, if that is not done yet.
 
     Call it first thing in a launcher's ``__main__`` block: the process image is
     replaced (same interpreter, options and arguments), so nothing done before it
     survives. Opt out with ``PVAE_JAX_MALLOC_TUNING=0`` or by setting
-    ``GLIBC_TUNABLES`` or any ``MALLOC_*`` variable yourself. A no-op where it does not
-    apply (see ``malloc_tuning_env``).
+    ``GLIBC_TUNABLES`` or any ``MALLOC_*`` variable yourself (a ``LD_PRELOAD`` of yours
+    keeps the settings but not the block cache). A no-op where it does not apply (see
+    ``malloc_tuning_env``).
     """
-    env = malloc_tuning_env()
-    if env is None:
+    preloaded = os.environ.get(_PRELOADED_VAR)
+    if preloaded and os.environ.get("LD_PRELOAD") == preloaded:
+        del os.environ["LD_PRELOAD"]  # loaded now; processes started from here go without
+    if malloc_tuning_env() is None:
         return
+    env = malloc_tuning_env(block_cache=_block_cache_library())
     sys.stdout.flush()
     sys.stderr.flush()
     try:
@@ -111,12 +151,15 @@ def release_compiler_memory() -> bool:
         return True
     if not on_glibc():
         return False
-    malloc_trim = ctypes.CDLL(None).malloc_trim
+    libc = ctypes.CDLL(None)
+    release_idle_blocks = getattr(libc, "pvae_release_idle_blocks", None)
 
     def trim_after_compile(event: str, duration: float, **kwargs) -> None:
         del duration, kwargs
         if event == _BACKEND_COMPILE_EVENT:
-            malloc_trim(0)
+            if release_idle_blocks is not None:  # the block cache's idle blocks too
+                release_idle_blocks()
+            libc.malloc_trim(0)
 
     jax.monitoring.register_event_duration_secs_listener(trim_after_compile)
     _trim_listener = trim_after_compile

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import pytest
 
 from configs import tiny
-from pvae_jax import bench, models, train
+from pvae_jax import bench, models, native, runtime, train
 from pvae_jax.nn import cpu_kernels
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,8 +29,8 @@ _POSITIVE = ("setup_seconds", "first_batch_seconds", "train_seconds", "train_ste
 _CONTEXT = ("config_name", "config", "model_name", "dataset_name", "batch_size",
             "eval_batch_size", "image_shape", "num_levels", "worker_count", "device_platform",
             "device_kind", "device_count", "local_device_count", "process_count",
-            "jax_version", "cpu_kernels", "python_version", "cpu_count", "cpu_affinity_count",
-            "machine",
+            "jax_version", "cpu_kernels", "block_cache", "python_version", "cpu_count",
+            "cpu_affinity_count", "machine",
             "timestamp", "num_steps", "warmup_steps", "num_eval_batches",
             "device_memory_stats", "model_flops_per_image", "train_gflops_per_sec",
             "input_wait_fraction", "compile_seconds", "train_loss_last")
@@ -51,6 +51,7 @@ def _check_schema(result, config, num_steps, num_eval_batches, device_count):
         assert math.isfinite(value) and value > 0, (key, value)
     assert 0.0 <= result["input_wait_fraction"] <= 1.0
     assert result["cpu_kernels"] is True  # the tests run on the CPU, with a compiler
+    assert isinstance(result["block_cache"], bool)  # pytest does not preload it
     assert result["train_page_faults_per_step"] >= 0
     assert math.isfinite(result["train_loss_last"])
     assert math.isclose(result["train_images_per_sec"],
@@ -158,6 +159,11 @@ def test_launcher_writes_json(tmp_path):
     devices = 2 if result["device_platform"] == "cpu" else result["local_device_count"]
     _check_schema(result, config, num_steps=2, num_eval_batches=1, device_count=devices)
     assert result["config_name"].endswith("configs/tiny.py")
+    # The launcher restarted with the block cache, where it applies.
+    script = os.path.join(_ROOT, "launch", "bench.py")
+    assert result["block_cache"] is (runtime.malloc_tuning_env(env, script) is not None
+                                     and native.compiler() is not None
+                                     and not env.get("LD_PRELOAD"))
 
 
 def test_launcher_reports_bad_config(tmp_path):

@@ -11,6 +11,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from pvae_jax import native
 from pvae_jax.nn import conv, cpu_kernels
 
 # (x shape, kernel shape, padding): the gated stacks' kernels, and shapes that leave
@@ -75,8 +76,8 @@ def test_kernel_gradient_equals_lax(x_shape, kernel_shape, padding):
 def test_the_avx2_blocks_equal_lax_on_any_x86_cpu(monkeypatch, tmp_path):
     # The other tests run the blocks -march=native picks: on an AVX-512 CPU the AVX2
     # ones only run here.
-    library = ctypes.cdll.LoadLibrary(str(cpu_kernels._build(
-        cpu_kernels._compiler(), tmp_path, ("-march=native", "-mno-avx512f"))))
+    library = ctypes.cdll.LoadLibrary(str(native.build(
+        cpu_kernels._SOURCE, native.compiler(), tmp_path, ("-march=native", "-mno-avx512f"))))
     target = "pvae_kernel_gradient_avx2"
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(library.PvaeKernelGradient),
                                 platform="cpu")
@@ -205,7 +206,7 @@ def test_off_by_the_environment_or_without_a_compiler(monkeypatch, tmp_path):
         for var, value in ((cpu_kernels.ENABLE_VAR, "0"), ("CXX", str(tmp_path / "no-cc"))):
             with monkeypatch.context() as m:
                 m.setenv(var, value)
-                m.setenv(cpu_kernels.CACHE_VAR, str(tmp_path))
+                m.setenv(native.CACHE_VAR, str(tmp_path))
                 m.setattr(cpu_kernels, "_library", None)  # as in a fresh process
                 cpu_kernels.registered.cache_clear()
                 assert not cpu_kernels.registered()
@@ -217,12 +218,3 @@ def test_off_by_the_environment_or_without_a_compiler(monkeypatch, tmp_path):
     finally:
         cpu_kernels.registered.cache_clear()
     assert cpu_kernels.registered()
-
-
-def test_a_fresh_cache_builds_the_library(monkeypatch, tmp_path):
-    monkeypatch.setenv(cpu_kernels.CACHE_VAR, str(tmp_path))
-    library = cpu_kernels._build(cpu_kernels._compiler(), tmp_path)
-    assert library.parent == tmp_path and library.stat().st_size > 0
-    # Built once: a second call finds it, and no temporary file is left behind.
-    assert cpu_kernels._build(cpu_kernels._compiler(), tmp_path) == library
-    assert [p.name for p in tmp_path.iterdir()] == [library.name]

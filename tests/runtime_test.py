@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from pvae_jax import runtime
+from pvae_jax import native, runtime
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -62,6 +62,14 @@ def test_malloc_tuning_applies_once_and_respects_the_user(tmp_path):
                                      str(script)) is None
     for not_a_script in ("", "-c", "-", str(tmp_path / "missing.py")):
         assert runtime.malloc_tuning_env({}, not_a_script) is None
+    # The block cache is preloaded, unless the user preloads something already.
+    cache = tmp_path / "big_blocks.so"
+    env = runtime.malloc_tuning_env({}, str(script), block_cache=cache)
+    assert env["LD_PRELOAD"] == str(cache)
+    env = runtime.malloc_tuning_env({"LD_PRELOAD": "/x/libtcmalloc.so"}, str(script),
+                                    block_cache=cache)
+    assert env["LD_PRELOAD"] == "/x/libtcmalloc.so"
+    assert env["GLIBC_TUNABLES"] == runtime.MALLOC_TUNABLES
 
 
 _PROBE = """
@@ -70,6 +78,7 @@ from pvae_jax import runtime
 print("start", flush=True)
 runtime.reexec_with_malloc_tuning()
 print(sys.argv[1:], os.environ.get("GLIBC_TUNABLES"))
+print(runtime.block_cache_loaded(), os.environ.get("LD_PRELOAD"))
 """
 
 
@@ -77,7 +86,7 @@ def _run_probe(tmp_path, **env_vars):
     script = tmp_path / "probe.py"
     script.write_text(_PROBE)
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")
-           and k not in ("GLIBC_TUNABLES", runtime.MALLOC_TUNING_VAR)}
+           and k not in ("GLIBC_TUNABLES", "LD_PRELOAD", runtime.MALLOC_TUNING_VAR)}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [_ROOT, env.get("PYTHONPATH")]))
     proc = subprocess.run([sys.executable, str(script), "--flag=1", "arg"],
                           env={**env, **env_vars}, capture_output=True, text=True,
@@ -91,22 +100,27 @@ def test_reexec_restarts_the_script_with_its_arguments_and_the_settings(tmp_path
     # Started twice (before and after the re-exec), with the same arguments.
     assert lines[:2] == ["start", "start"]
     assert lines[2] == f"['--flag=1', 'arg'] {runtime.MALLOC_TUNABLES}"
+    # With the block cache loaded, and LD_PRELOAD cleared for the processes it starts.
+    assert lines[3] == f"{native.compiler() is not None} None"
 
 
 def test_reexec_opt_out_keeps_the_process(tmp_path):
     lines = _run_probe(tmp_path, **{runtime.MALLOC_TUNING_VAR: "0"})
-    assert lines == ["start", "['--flag=1', 'arg'] None"]
+    assert lines == ["start", "['--flag=1', 'arg'] None", "False None"]
 
 
 @pytest.mark.skipif(not _GLIBC, reason="malloc_trim is glibc's")
-def test_compiler_memory_is_released_after_each_compile_only(monkeypatch):
+@pytest.mark.parametrize("block_cache", [False, True])
+def test_compiler_memory_is_released_after_each_compile_only(monkeypatch, block_cache):
     calls = []
 
     class FakeLibc:
         def malloc_trim(self, pad):
-            calls.append(pad)
+            calls.append(("trim", pad))
             return 1
 
+    if block_cache:  # the block cache's idle blocks go first
+        FakeLibc.pvae_release_idle_blocks = lambda self: calls.append(("idle",))
     monkeypatch.setattr(runtime.ctypes, "CDLL", lambda name: FakeLibc())
     monkeypatch.setattr(runtime, "_trim_listener", None)
     try:
@@ -114,10 +128,93 @@ def test_compiler_memory_is_released_after_each_compile_only(monkeypatch):
         listener = runtime._trim_listener
         assert runtime.release_compiler_memory() and runtime._trim_listener is listener
         jax.jit(lambda x: jnp.sin(x) * 3.0 + 0.25).lower(jnp.ones(7)).compile()
-        assert calls and set(calls) == {0}  # A real compile reports the event we listen to.
+        # A real compile reports the event we listen to.
+        expected = [("idle",), ("trim", 0)] if block_cache else [("trim", 0)]
+        assert calls and calls == expected * (len(calls) // len(expected))
         before = len(calls)
         jax.monitoring.record_event_duration_secs("/jax/some/other/event", 1.0)
         assert len(calls) == before
     finally:
         if runtime._trim_listener is not None:
             jax.monitoring.unregister_event_duration_listener(runtime._trim_listener)
+
+
+_BLOCKS_PROBE = """
+import ctypes, os, resource
+import numpy as np
+libc = ctypes.CDLL(None)
+for name in ("malloc", "calloc", "realloc", "aligned_alloc"):
+    getattr(libc, name).restype = ctypes.c_void_p
+libc.malloc_usable_size.restype = ctypes.c_size_t
+libc.malloc.argtypes = libc.malloc_usable_size.argtypes = [ctypes.c_size_t]
+libc.calloc.argtypes = libc.aligned_alloc.argtypes = [ctypes.c_size_t, ctypes.c_size_t]
+libc.realloc.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+libc.pvae_release_idle_blocks.restype = ctypes.c_size_t
+M = 100 << 20
+faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+def rss():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) << 10
+
+a = libc.malloc(M)
+assert a % (2 << 20) == 0 and libc.malloc_usable_size(a) >= M
+ctypes.memset(a, 7, M)
+libc.free(a)
+# Freed and asked for again: the same memory, touched with no page fault.
+before = faults()
+assert libc.malloc(M - 12345) == a
+ctypes.memset(a, 1, M - 12345)
+assert faults() - before < 16, faults() - before
+libc.free(a)
+# calloc of a used block clears it.
+c = libc.calloc(M // 4, 4)
+assert c == a and ctypes.string_at(c + M - 64, 64) == bytes(64)
+ctypes.memset(c, 3, M)
+# realloc keeps the contents, into a larger block, into glibc's memory and back.
+d = libc.realloc(c, 3 * M)
+assert ctypes.string_at(d + M - 4, 4) == b"\\3" * 4
+e = libc.realloc(d, 1000)
+assert ctypes.string_at(e, 1000) == b"\\3" * 1000
+f = libc.realloc(e, 2 * M)
+assert ctypes.string_at(f, 1000) == b"\\3" * 1000
+libc.free(f)
+# A request no idle block fits gives the idle ones back before mapping its own, and
+# so does pvae_release_idle_blocks: what stays resident is what is in use.
+h = libc.malloc(M)
+ctypes.memset(h, 1, M)
+libc.free(h)
+resident = rss()
+g = libc.aligned_alloc(64, 5 * M)
+assert g % 64 == 0 and rss() < resident - M // 2
+ctypes.memset(g, 1, M)
+libc.free(g)
+resident = rss()
+assert libc.pvae_release_idle_blocks() >= 5 * M and rss() < resident - M // 2
+# glibc's small and large allocations are untouched: numpy, and a child process.
+x = np.ones(M // 8)
+assert float((x * 2).sum()) == 2 * (M // 8)
+pid = os.fork()
+if pid == 0:
+    p = libc.malloc(M); ctypes.memset(p, 5, M); libc.free(p)
+    os._exit(0 if libc.malloc(M) == p else 1)
+assert os.waitpid(pid, 0)[1] == 0
+import jax, jax.numpy as jnp
+y = jax.jit(lambda v: jnp.cumsum(jnp.sin(v)) * 2.0)
+v = jnp.arange(1 << 25, dtype=jnp.float32) / (1 << 20)
+assert bool(jnp.array_equal(y(v), y(v)))
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not _GLIBC or native.compiler() is None,
+                    reason="the block cache is built with a C++ compiler for glibc")
+def test_the_block_cache_reuses_large_blocks_and_keeps_malloc_semantics(tmp_path):
+    library = native.build(runtime._BLOCK_CACHE_SOURCE, native.compiler(), tmp_path)
+    script = tmp_path / "blocks.py"
+    script.write_text(_BLOCKS_PROBE)
+    env = {**os.environ, "LD_PRELOAD": str(library), "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.split()[-1:] == ["ok"], proc.stderr[-3000:]

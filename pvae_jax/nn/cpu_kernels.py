@@ -7,11 +7,10 @@ pass on the 16- and 32-channel layers of the gated PixelCNNs (3.6x for a 3x5 ker
 (``conv``), which ``nn/conv.py`` takes where it measured faster than XLA's
 (``forward_enabled``: AVX-512 builds, output channels a multiple of 32).
 
-The source is compiled with the machine's C++ compiler (``$CXX``, else ``c++``) against
-the XLA FFI headers of the installed jaxlib, for this CPU (``-march=native``: AVX-512
-register blocks where the CPU has them, AVX2 ones otherwise), into
-``$PVAE_JAX_CACHE`` (default ``~/.cache/pvae_jax``), once per source, jaxlib version,
-compiler and CPU model. ``registered()`` is False, and callers keep XLA's own
+The source is compiled by ``native.build`` (the machine's C++ compiler, against the XLA
+FFI headers of the installed jaxlib, cached in ``$PVAE_JAX_CACHE``) for this CPU
+(``-march=native``: AVX-512 register blocks where the CPU has them, AVX2 ones
+otherwise). ``registered()`` is False, and callers keep XLA's own
 computation, where there is no compiler, the build fails (logged once) or
 ``PVAE_JAX_CPU_KERNELS=0``.
 """
@@ -21,69 +20,25 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
-import hashlib
 import logging
 import os
-import platform
-import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import jaxlib
 import numpy as np
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec
 
+from pvae_jax import native
+
 ENABLE_VAR = "PVAE_JAX_CPU_KERNELS"
-CACHE_VAR = "PVAE_JAX_CACHE"
 _SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 _TARGET = "pvae_kernel_gradient"
 _CONV_TARGET = "pvae_conv"
-
-
-def _cpu_model() -> str:
-    """What ``-march=native`` depends on: the CPU's model and flags."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return platform.processor() or platform.machine()
-    keys = ("model name", "flags", "Features", "CPU implementer", "CPU part")
-    return "\n".join(sorted({line for line in lines if line.split(":")[0].strip() in keys}))
-
-
-def _build(compiler: str, cache_dir: Path, flags: tuple[str, ...] = ("-march=native",)
-           ) -> Path:
-    """The shared library, compiled with ``flags`` unless this cache already has it."""
-    source = _SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([
-        source, jaxlib.__version__.encode(), compiler.encode(), _cpu_model().encode(),
-        platform.machine().encode(), *(f.encode() for f in flags)])).hexdigest()[:16]
-    library = cache_dir / f"cpu_kernels-{key}.so"
-    if library.exists():
-        return library
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    # Compiled under a temporary name and renamed: processes building at once (test
-    # workers, hosts sharing a home directory) each see a whole file or none.
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache_dir)
-    os.close(fd)
-    try:
-        subprocess.run(
-            [compiler, "-O3", *flags, "-std=c++17", "-shared", "-fPIC",
-             f"-I{jax.ffi.include_dir()}", str(_SOURCE), "-o", tmp],
-            check=True, capture_output=True, text=True)
-        os.replace(tmp, library)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return library
-
-
-def _compiler() -> str | None:
-    return shutil.which(os.environ.get("CXX", "c++"))
-
+# AVX-512 register blocks where the CPU has them, AVX2 ones otherwise.
+_FLAGS = ("-march=native",)
 
 _library: ctypes.CDLL | None = None  # loaded and registered with XLA
 
@@ -97,14 +52,14 @@ def registered() -> bool:
     global _library
     if _library is not None:  # registered already; XLA takes a target once
         return True
-    compiler = _compiler()
+    compiler = native.compiler()
     if compiler is None:
         logging.warning("pvae_jax: no C++ compiler ($CXX or c++) found; the CPU kernels "
                         "are off and XLA's own convolutions are used")
         return False
-    cache_dir = Path(os.environ.get(CACHE_VAR, Path.home() / ".cache" / "pvae_jax"))
     try:
-        library = ctypes.cdll.LoadLibrary(str(_build(compiler, cache_dir)))
+        library = ctypes.cdll.LoadLibrary(str(native.build(_SOURCE, compiler,
+                                                           native.cache_dir(), _FLAGS)))
         handlers = {_TARGET: library.PvaeKernelGradient, _CONV_TARGET: library.PvaeConv}
     except (OSError, AttributeError, subprocess.CalledProcessError) as e:
         detail = getattr(e, "stderr", "") or e

@@ -1,0 +1,35 @@
+import subprocess
+
+import pytest
+
+from pvae_jax import native
+from pvae_jax.nn import cpu_kernels
+
+
+def test_a_fresh_cache_builds_the_library_once(tmp_path):
+    library = native.build(cpu_kernels._SOURCE, native.compiler(), tmp_path)
+    assert library.parent == tmp_path and library.stat().st_size > 0
+    assert library.name.startswith("cpu_kernels-")
+    # Built once: a second call finds it, and no temporary file is left behind.
+    assert native.build(cpu_kernels._SOURCE, native.compiler(), tmp_path) == library
+    assert [p.name for p in tmp_path.iterdir()] == [library.name]
+    # Other flags are another library.
+    other = native.build(cpu_kernels._SOURCE, native.compiler(), tmp_path, ("-DPVAE_X=1",))
+    assert other != library and other.exists()
+
+
+def test_a_failed_build_leaves_nothing_behind(tmp_path):
+    source = tmp_path / "broken.cc"
+    source.write_text("this is not C++\n")
+    cache = tmp_path / "cache"
+    with pytest.raises(subprocess.CalledProcessError) as e:
+        native.build(source, native.compiler(), cache)
+    assert "broken.cc" in e.value.stderr
+    assert list(cache.iterdir()) == []
+
+
+def test_the_cache_directory_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv(native.CACHE_VAR, str(tmp_path))
+    assert native.cache_dir() == tmp_path
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    assert native.compiler() is None
