@@ -4,13 +4,16 @@
 // Why: XLA:CPU allocates each step's temporaries as one block per device (329 MB for
 // gated_noup at 50 images per device) and frees it when the step ends. glibc serves a
 // block that large with a fresh mmap and returns it with munmap, so every step the
-// kernel maps, faults in and zeroes the whole block again: about 1,000 page faults of
-// 2 MB pages per gated_noup step on a 2-core Xeon, and a tenth to a sixth of the
-// step's CPU time. Serving large blocks from the heap instead (glibc's mmap_max=0)
-// removed the faults but fragmented the heap: peak RSS grew from 1.3 to 2.2 GB.
+// kernel maps, faults in and zeroes the whole block again: 1,000-1,500 page faults
+// (of 2 MB pages) per gated_noup step on a 2-core Xeon. With this cache, 2-10, and
+// the step took 0.78-0.96x the CPU time (four alternated runs of launch/bench.py).
+// Serving large blocks from glibc's heap instead (mmap_max=0) removed the faults too,
+// but fragmented the heap: the peak RSS grew from 1.33 to 2.23 GB over three rounds of
+// train and eval steps.
 //
-// Here a request of at least kBig bytes gets a block of its own, mapped once and kept
-// when freed. The next request that fits an idle block (at most a quarter larger than
+// Here a request of at least kBig bytes, what glibc would map afresh under the
+// settings of runtime.MALLOC_ENV, gets a block of its own, mapped once and kept when
+// freed. The next request that fits an idle block (at most a quarter larger than
 // asked) gets it back as it is, so a step that frees and asks again for the same size
 // reuses its memory, with no fault. A request that fits no idle block first unmaps
 // every idle one, then maps a new block: when the sizes change (train and eval steps
@@ -41,7 +44,7 @@ size_t malloc_usable_size(void* p) noexcept;
 
 namespace {
 
-constexpr size_t kBig = size_t{64} << 20;  // XLA's step temporaries are hundreds of MB
+constexpr size_t kBig = size_t{32} << 20;  // glibc maps anything this large (MALLOC_ENV)
 constexpr size_t kAlign = size_t{2} << 20;  // one transparent huge page
 constexpr size_t kPage = 4096;
 constexpr int kSlots = 64;
