@@ -76,6 +76,9 @@ def test_kernel_gradient_equals_lax(x_shape, kernel_shape, padding):
 def test_the_avx2_blocks_equal_lax_on_any_x86_cpu(monkeypatch, tmp_path):
     # The other tests run the blocks -march=native picks: on an AVX-512 CPU the AVX2
     # ones only run here.
+    # The native library is registered first, under its own targets: registered()
+    # would otherwise run under the patched ones below, if no test ran it before.
+    assert cpu_kernels.registered()
     library = ctypes.cdll.LoadLibrary(str(native.build(
         cpu_kernels._SOURCE, native.compiler(), tmp_path, ("-march=native", "-mno-avx512f"))))
     target = "pvae_kernel_gradient_avx2"
