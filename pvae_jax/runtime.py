@@ -23,15 +23,15 @@ _CHATTY = ("/orbax/", "/grain/", "/jax/", "/tensorflow_datasets/")
 
 # glibc malloc settings for XLA:CPU, read by glibc only when a process starts (hence
 # the re-exec below). XLA:CPU allocates each step's temporaries as one block of
-# hundreds of MB (329 MB per device for gated_noup at batch 100 on 2 devices), far
-# above glibc's mmap threshold (at most 32 MB), so glibc maps fresh memory for it every
-# step, which takes a page fault per page on first touch: 167k faults per step for
-# the MNIST gated PixelVAE. hugetlb=1 has malloc ask for transparent huge pages
-# (madvise), which cut that to 1.1k faults per step and the step's CPU time by a
-# sixth. One arena for XLA's worker threads, with mmap and trim thresholds raised so
-# that buffers of a few MB stay in the heap between steps, lowered peak RSS by about
-# 0.1 GB. The block cache (``big_blocks.cc``, preloaded where it builds) then keeps the
-# step's blocks mapped from one step to the next.
+# hundreds of MB (341 MB per device for the MNIST gated PixelVAE at batch 100), far
+# above glibc's mmap threshold (at most 32 MB), so every step maps fresh memory and
+# takes a page fault per 4 KB page on first touch: 167k faults per step there.
+# hugetlb=1 has malloc ask for transparent huge pages (madvise), which cut that to 1.1k
+# faults per step and the step's CPU time by a sixth. One arena for XLA's worker
+# threads, with mmap and trim thresholds raised so that buffers of a few MB stay in
+# the heap between steps, lowered peak RSS by about 0.1 GB. The block cache
+# (``big_blocks.cc``, preloaded with these settings where it builds) then keeps those
+# blocks mapped from one step to the next, so that they take no fault at all.
 MALLOC_TUNABLES = ":".join([
     "glibc.malloc.hugetlb=1",
     "glibc.malloc.arena_max=1",
