@@ -5,7 +5,7 @@
 // gated_noup at 50 images per device) and frees it when the step ends. glibc serves a
 // block that large with a fresh mmap and returns it with munmap, so every step the
 // kernel maps, faults in and zeroes the whole block again: 1,000-1,500 page faults
-// (of 2 MB pages) per gated_noup step on a 2-core Xeon. With this cache, 2-10, and
+// (of 2 MB pages) per gated_noup step on a 2-core Xeon. With this cache, 2-14, and
 // the step took 0.78-0.96x the CPU time (four alternated runs of launch/bench.py).
 // Serving large blocks from glibc's heap instead (mmap_max=0) removed the faults too,
 // but fragmented the heap: the peak RSS grew from 1.33 to 2.23 GB over three rounds of
