@@ -200,6 +200,24 @@ if pid == 0:
     p = libc.malloc(M); ctypes.memset(p, 5, M); libc.free(p)
     os._exit(0 if libc.malloc(M) == p else 1)
 assert os.waitpid(pid, 0)[1] == 0
+# Threads taking and freeing blocks at once never share one.
+import threading, time
+errors = []
+def churn(tag):
+    rng = np.random.default_rng(tag)
+    for _ in range(30):
+        n = int(rng.integers(32 << 20, 48 << 20))
+        p = libc.malloc(n)
+        ctypes.memset(p, tag, 4096)
+        ctypes.memset(p + n - 4096, tag, 4096)
+        time.sleep(0.002)  # for the other threads to take blocks meanwhile
+        if ctypes.string_at(p, 4096) + ctypes.string_at(p + n - 4096, 4096) != bytes([tag]) * 8192:
+            errors.append(tag)
+        libc.free(p)
+threads = [threading.Thread(target=churn, args=(t,)) for t in range(1, 5)]
+for t in threads: t.start()
+for t in threads: t.join()
+assert not errors, errors
 import jax, jax.numpy as jnp
 y = jax.jit(lambda v: jnp.cumsum(jnp.sin(v)) * 2.0)
 v = jnp.arange(1 << 25, dtype=jnp.float32) / (1 << 20)
