@@ -56,12 +56,15 @@ def on_glibc() -> bool:
 
 def malloc_tuning_env(environ: Mapping[str, str] | None = None,
                       script: str | None = None,
-                      block_cache: Path | None = None) -> dict[str, str] | None:
+                      block_cache: Callable[[], Path | None] | None = None
+                      ) -> dict[str, str] | None:
     """The environment to re-execute this process with for ``MALLOC_ENV``, or None when
     it should run as it is.
 
-    With ``block_cache`` (the library of ``big_blocks.cc``) it is preloaded too, unless
-    ``LD_PRELOAD`` is set already (another allocator, say: the user's choice wins).
+    With ``block_cache`` (which builds the library of ``big_blocks.cc``, or gives None)
+    that library is preloaded too, unless ``LD_PRELOAD`` is set already (another
+    allocator, say: the user's choice wins); it is called only when the library would
+    be used, so that nothing is built for nothing.
 
     None when: not Linux with glibc; ``PVAE_JAX_MALLOC_TUNING=0``; this process is
     already the re-executed one; the user set ``GLIBC_TUNABLES`` or any ``MALLOC_*``
@@ -83,8 +86,9 @@ def malloc_tuning_env(environ: Mapping[str, str] | None = None,
     if script in ("", "-", "-c") or not os.path.isfile(script):
         return None
     env = {**environ, **MALLOC_ENV, _REEXECUTED_VAR: "1"}
-    if block_cache is not None and not environ.get("LD_PRELOAD"):
-        env["LD_PRELOAD"] = env[_PRELOADED_VAR] = str(block_cache)
+    library = None if block_cache is None or environ.get("LD_PRELOAD") else block_cache()
+    if library is not None:
+        env["LD_PRELOAD"] = env[_PRELOADED_VAR] = str(library)
     return env
 
 
@@ -121,9 +125,9 @@ def reexec_with_malloc_tuning() -> None:
     preloaded = os.environ.get(_PRELOADED_VAR)
     if preloaded and os.environ.get("LD_PRELOAD") == preloaded:
         del os.environ["LD_PRELOAD"]  # loaded now; processes started from here go without
-    if malloc_tuning_env() is None:
+    env = malloc_tuning_env(block_cache=_block_cache_library)
+    if env is None:
         return
-    env = malloc_tuning_env(block_cache=_block_cache_library())
     sys.stdout.flush()
     sys.stderr.flush()
     try:

@@ -62,14 +62,22 @@ def test_malloc_tuning_applies_once_and_respects_the_user(tmp_path):
                                      str(script)) is None
     for not_a_script in ("", "-c", "-", str(tmp_path / "missing.py")):
         assert runtime.malloc_tuning_env({}, not_a_script) is None
-    # The block cache is preloaded, unless the user preloads something already.
+    # The block cache is preloaded, unless the user preloads something already, and is
+    # built only when it is preloaded.
     cache = tmp_path / "big_blocks.so"
-    env = runtime.malloc_tuning_env({}, str(script), block_cache=cache)
-    assert env["LD_PRELOAD"] == str(cache)
+    builds = []
+    build = lambda: builds.append(1) or cache  # noqa: E731
+    env = runtime.malloc_tuning_env({}, str(script), block_cache=build)
+    assert env["LD_PRELOAD"] == str(cache) and builds == [1]
     env = runtime.malloc_tuning_env({"LD_PRELOAD": "/x/libtcmalloc.so"}, str(script),
-                                    block_cache=cache)
-    assert env["LD_PRELOAD"] == "/x/libtcmalloc.so"
+                                    block_cache=build)
+    assert env["LD_PRELOAD"] == "/x/libtcmalloc.so" and builds == [1]
     assert env["GLIBC_TUNABLES"] == runtime.MALLOC_TUNABLES
+    assert runtime.malloc_tuning_env({"GLIBC_TUNABLES": ""}, str(script),
+                                     block_cache=build) is None and builds == [1]
+    # No library (no compiler, a failed build): the settings alone.
+    assert "LD_PRELOAD" not in runtime.malloc_tuning_env({}, str(script),
+                                                         block_cache=lambda: None)
 
 
 _PROBE = """
