@@ -112,9 +112,14 @@ char* Take(size_t n, bool* reused) {
   return p;
 }
 
+// Only a kAlign-aligned pointer can be a block here: any other is glibc's, told so
+// without taking the lock.
+bool MayBeBlock(const void* p) {
+  return p != nullptr && (reinterpret_cast<uintptr_t>(p) & (kAlign - 1)) == 0;
+}
+
 // The slot of the live block at p, or -1 (p is glibc's). Called with mu held.
 int Find(const void* p) {
-  if (p == nullptr || (reinterpret_cast<uintptr_t>(p) & (kAlign - 1)) != 0) return -1;
   for (int i = 0; i < kSlots; ++i)
     if (blocks[i].p == p && blocks[i].live) return i;
   return -1;
@@ -122,12 +127,22 @@ int Find(const void* p) {
 
 // The usable size of the live block at p, or 0 if p is glibc's.
 size_t BlockSize(const void* p) {
-  if (p == nullptr || (reinterpret_cast<uintptr_t>(p) & (kAlign - 1)) != 0) return 0;
+  if (!MayBeBlock(p)) return 0;
   pthread_mutex_lock(&mu);
   const int i = Find(p);
   const size_t size = i < 0 ? 0 : blocks[i].size;
   pthread_mutex_unlock(&mu);
   return size;
+}
+
+// Keeps the live block at p mapped, idle, for the next request; false if p is glibc's.
+bool Release(const void* p) {
+  if (!MayBeBlock(p)) return false;
+  pthread_mutex_lock(&mu);
+  const int i = Find(p);
+  if (i >= 0) blocks[i].live = false;
+  pthread_mutex_unlock(&mu);
+  return i >= 0;
 }
 
 // Keeps the lock consistent across fork(): the child gets it unlocked.
@@ -148,14 +163,7 @@ void* malloc(size_t n) noexcept {
 }
 
 void free(void* p) noexcept {
-  if (p != nullptr && (reinterpret_cast<uintptr_t>(p) & (kAlign - 1)) == 0) {
-    pthread_mutex_lock(&mu);
-    const int i = Find(p);
-    if (i >= 0) blocks[i].live = false;  // kept mapped, for the next request
-    pthread_mutex_unlock(&mu);
-    if (i >= 0) return;
-  }
-  __libc_free(p);
+  if (!Release(p)) __libc_free(p);
 }
 
 void* calloc(size_t count, size_t size) noexcept {
