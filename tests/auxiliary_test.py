@@ -83,6 +83,39 @@ POSITIONS_3 = [(0, 0, 0), (0, 0, 2), (1, 2, 1), (2, 0, 0), (2, 3, 2), (3, 3, 0),
                (0, 3, 1)]
 
 
+def _running_sum_log_prob(levels, future=False):
+    """A categorical model of each sub-pixel d (raster order, then channel) with logits
+    k * s_d, s_d a tenth of the sum of the sub-pixels before d (of those after it where
+    ``future``): normalised, and causal unless ``future``."""
+    def log_prob(x_BxHxWxC):
+        flat = x_BxHxWxC.reshape(x_BxHxWxC.shape[0], -1).astype(jnp.float32)
+        seq = flat[:, ::-1] if future else flat
+        before = jnp.cumsum(seq, axis=1) - seq  # the sum of those strictly before
+        s_d = 0.1 * (before[:, ::-1] if future else before)
+        logits = s_d[..., None] * jnp.arange(levels)
+        lp = jnp.take_along_axis(jax.nn.log_softmax(logits),
+                                 flat.astype(jnp.int32)[..., None], -1)[..., 0]
+        return lp.reshape(x_BxHxWxC.shape)
+    return jax.jit(log_prob)
+
+
+def test_the_causality_and_normalisation_checks_can_fail():
+    # The checks the model tests below rely on: each rejects a model that breaks its
+    # property, and passes one that has both.
+    levels = 5
+    x = _images(7, (4, 4, 3), levels)[0]
+    _check_causal(_running_sum_log_prob(levels), x, levels, POSITIONS_3)
+    _check_normalised(_running_sum_log_prob(levels), x, levels, (2, 1, 1))
+    with pytest.raises(AssertionError):  # reads the sub-pixels after each one
+        _check_causal(_running_sum_log_prob(levels, future=True), x, levels, POSITIONS_3)
+    with pytest.raises(AssertionError, match="ignores an earlier one"):
+        _check_causal(jax.jit(lambda x: jnp.full(x.shape, -np.log(levels))), x, levels,
+                      POSITIONS_3)
+    with pytest.raises(AssertionError):  # sums to e^0.1
+        _check_normalised(jax.jit(lambda x: jnp.full(x.shape, 0.1 - np.log(levels))), x,
+                          levels, (2, 1, 1))
+
+
 def test_grayscale_conditional_is_causal_and_normalised_with_x_hat_fixed():
     model, variables = grayscale()
     x = _images(0, (4, 4, 3), 256)[0]
