@@ -128,13 +128,66 @@ def test_bad_padding_is_refused(padding):
         conv2d(x, k, padding)
 
 
+@pytest.mark.parametrize("strides, padding, match", [
+    ((0, 1), ((0, 0), (0, 0)), "strides"), ((2,), ((0, 0), (0, 0)), "strides"),
+    ((1.5, 1), ((0, 0), (0, 0)), "strides"), ((2, 2), ((-1, 0), (0, 0)), "negative")])
+def test_bad_strides_are_refused(strides, padding, match):
+    x, k, _ = _operands((3, 3))
+    with pytest.raises(ValueError, match=match):
+        conv2d(x, k, padding, strides)
+
+
+# (kernel h, w), padding, strides: the encoders' stride-2 layers ('SAME' on even and
+# odd sizes), unequal strides with padding past the kernel, a stride past the kernel.
+STRIDED_CASES = [((3, 3), ((0, 1), (0, 1)), (2, 2)), ((3, 3), ((1, 1), (1, 1)), (2, 2)),
+                 ((3, 5), ((2, 3), (0, 5)), (2, 3)), ((1, 1), ((0, 0), (1, 0)), (3, 1)),
+                 ((2, 2), ((0, 0), (0, 0)), (3, 2))]
+
+
+@pytest.mark.parametrize("kernel_hw, padding, strides", STRIDED_CASES)
+def test_strided_forward_and_gradients_equal_lax(kernel_hw, padding, strides):
+    """Both gradients, and the gradient of the kernel gradient (second order), are
+    lax's; with 32 output channels the forward and kernel gradient are the compiled
+    kernels'."""
+    x, k, kd = _operands(kernel_hw, shape=(3, 8, 7, 4), out=32)
+
+    def lax_conv(x, k):
+        return jax.lax.conv_general_dilated(x, k, strides, padding, dimension_numbers=DIMS)
+
+    def ours(x, k):
+        return conv2d(x, k, padding, strides)
+
+    y = jax.jit(ours)(x, k)
+    np.testing.assert_allclose(y, lax_conv(x, k), rtol=1e-5, atol=1e-5)
+    dy = jax.random.normal(kd, y.shape)
+
+    def loss(conv):
+        return lambda x, k: jnp.sum(jnp.sin(conv(x, k)) * dy)
+
+    def second(conv):
+        return lambda x, k: jnp.sum(jax.grad(loss(conv), argnums=1)(x, k) ** 2)
+
+    for fn in (loss, second):
+        got = jax.jit(jax.grad(fn(ours), argnums=(0, 1)))(x, k)
+        want = jax.grad(fn(lax_conv), argnums=(0, 1))(x, k)
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * float(jnp.max(abs(w))))
+    _, got = jax.jvp(ours, (x, k), (0.3 * x, -0.7 * k))
+    _, want = jax.jvp(lax_conv, (x, k), (0.3 * x, -0.7 * k))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("kwargs", [dict(kernel_size=(3, 3)), dict(kernel_size=(1, 1)),
                                     dict(kernel_size=(3, 3), strides=2),
+                                    dict(kernel_size=(3, 3), strides=(1, 2), padding="VALID"),
+                                    dict(kernel_size=(3, 3), strides=2,
+                                         padding=((-1, 1), (1, 1))),
                                     dict(kernel_size=(2, 3), padding="VALID"),
                                     dict(kernel_size=(3, 3), kernel_dilation=2)])
 def test_flax_conv_with_the_drop_in_equals_flax_conv(kwargs):
     """Conv (our convolution inside flax's nn.Conv) has nn.Conv's parameters, outputs
-    and gradients, whether the call goes to conv2d (stride 1) or on to lax."""
+    and gradients, whether the call goes to conv2d (strided or not) or on to lax (a
+    dilated kernel, a strided one with negative padding)."""
     x = jax.random.normal(jax.random.key(2), (2, 7, 6, 3))
     ours, theirs = Conv(5, **kwargs), nn.Conv(5, **kwargs)
     params = theirs.init(jax.random.key(3), x)

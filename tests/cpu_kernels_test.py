@@ -32,27 +32,38 @@ CASES = [
     ((2, 6, 5, 3), (3, 3, 3, 16), ((-1, 2), (3, -1))),  # crops
     ((2, 3, 31, 4), (2, 3, 4, 59), ((1, 0), (2, 0))),  # F = 32 + 16 + 8 + 3
 ]
+# (x shape, kernel shape, padding, strides): the encoders' stride-2 layers ('SAME' on
+# even and odd sizes), unequal strides, padding past the kernel, and a stride larger
+# than the kernel (pixels no window reads).
+STRIDED_CASES = [
+    ((3, 28, 28, 8), (3, 3, 8, 32), ((0, 1), (0, 1)), (2, 2)),
+    ((2, 7, 7, 16), (3, 3, 16, 64), ((1, 1), (1, 1)), (2, 2)),
+    ((2, 9, 11, 3), (3, 5, 3, 37), ((2, 3), (0, 4)), (2, 3)),
+    ((2, 10, 10, 4), (1, 2, 4, 32), ((0, 0), (1, 0)), (3, 1)),
+    ((2, 8, 9, 5), (2, 2, 5, 16), ((0, 0), (0, 0)), (3, 4)),
+]
 
 
-def _lax_conv(x, k, padding):
+def _lax_conv(x, k, padding, strides=(1, 1)):
     # The padding (or crop) applied to x, then an unpadded convolution: lax's own
     # convolution gets some negative paddings wrong on XLA:CPU (see conv_test).
     x_pad = jax.lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), *(p + (0,) for p in padding),
                                                      (0, 0, 0)])
-    return jax.lax.conv_general_dilated(x_pad, k, (1, 1), "VALID",
+    return jax.lax.conv_general_dilated(x_pad, k, strides, "VALID",
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
-def _lax_kernel_gradient(x, dy, kernel_shape, padding):
-    (dk,) = jax.linear_transpose(lambda k: _lax_conv(x, k, padding),
+def _lax_kernel_gradient(x, dy, kernel_shape, padding, strides=(1, 1)):
+    (dk,) = jax.linear_transpose(lambda k: _lax_conv(x, k, padding, strides),
                                  jax.ShapeDtypeStruct(kernel_shape, jnp.float32))(dy)
     return dk
 
 
-def _operands(x_shape, kernel_shape, padding, seed=0):
+def _operands(x_shape, kernel_shape, padding, seed=0, strides=(1, 1)):
     kx, kd = jax.random.split(jax.random.key(seed))
     x = jax.random.normal(kx, x_shape)
-    y_shape = jax.eval_shape(lambda x: _lax_conv(x, jnp.zeros(kernel_shape), padding), x).shape
+    y_shape = jax.eval_shape(lambda x: _lax_conv(x, jnp.zeros(kernel_shape), padding, strides),
+                             x).shape
     return x, jax.random.normal(kd, y_shape)
 
 
@@ -69,6 +80,29 @@ def test_kernel_gradient_equals_lax(x_shape, kernel_shape, padding):
     want = _lax_kernel_gradient(x, dy, kernel_shape, padding)
     assert got.shape == kernel_shape
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("x_shape, kernel_shape, padding, strides", STRIDED_CASES)
+def test_strided_kernel_gradient_and_forward_equal_lax(x_shape, kernel_shape, padding,
+                                                       strides):
+    x, dy = _operands(x_shape, kernel_shape, padding, strides=strides)
+    got = jax.jit(cpu_kernels.kernel_gradient, static_argnums=(2, 3, 4, 5))(
+        x, dy, kernel_shape, padding, True, strides)
+    np.testing.assert_allclose(got, _lax_kernel_gradient(x, dy, kernel_shape, padding, strides),
+                               rtol=1e-5, atol=1e-4)
+    k = jax.random.normal(jax.random.key(1), kernel_shape)
+    got = jax.jit(cpu_kernels.conv, static_argnums=(2, 3, 4))(x, k, padding, True, strides)
+    assert got.shape == dy.shape
+    np.testing.assert_allclose(got, _lax_conv(x, k, padding, strides), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("strides", [(0, 1), (1, -2), (2,)])
+def test_bad_strides_are_refused(strides):
+    x, dy = _operands(*CASES[0])
+    with pytest.raises(ValueError, match="strides"):
+        cpu_kernels.conv(x, jnp.zeros(CASES[0][1]), CASES[0][2], strides=strides)
+    with pytest.raises(ValueError, match="strides"):
+        cpu_kernels.kernel_gradient(x, dy, CASES[0][1], CASES[0][2], strides=strides)
 
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"),
@@ -89,15 +123,15 @@ def test_the_avx2_blocks_equal_lax_on_any_x86_cpu(monkeypatch, tmp_path):
     monkeypatch.setattr(cpu_kernels, "_TARGET", target)
     monkeypatch.setattr(cpu_kernels, "_CONV_TARGET", "pvae_conv_avx2")
     assert library.PvaeWideBlocks() == 0
-    for x_shape, kernel_shape, padding in CASES:
-        x, dy = _operands(x_shape, kernel_shape, padding)
-        got = jax.jit(cpu_kernels._ffi_kernel_gradient, static_argnums=(2, 3))(
-            x, dy, kernel_shape, padding)
-        want = _lax_kernel_gradient(x, dy, kernel_shape, padding)
+    for x_shape, kernel_shape, padding, strides in [(*c, (1, 1)) for c in CASES] + STRIDED_CASES:
+        x, dy = _operands(x_shape, kernel_shape, padding, strides=strides)
+        got = jax.jit(cpu_kernels._ffi_kernel_gradient, static_argnums=(2, 3, 4))(
+            x, dy, kernel_shape, padding, strides)
+        want = _lax_kernel_gradient(x, dy, kernel_shape, padding, strides)
         np.testing.assert_allclose(got.reshape(kernel_shape), want, rtol=1e-5, atol=1e-4)
         k = jax.random.normal(jax.random.key(1), kernel_shape)
-        got = jax.jit(cpu_kernels.conv, static_argnums=(2, 3))(x, k, padding, False)
-        np.testing.assert_allclose(got, _lax_conv(x, k, padding), rtol=1e-5, atol=1e-5)
+        got = jax.jit(cpu_kernels.conv, static_argnums=(2, 3, 4))(x, k, padding, False, strides)
+        np.testing.assert_allclose(got, _lax_conv(x, k, padding, strides), rtol=1e-5, atol=1e-5)
 
 
 def _linear_loss_grad(conv_fn, x, dy):

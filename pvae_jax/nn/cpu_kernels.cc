@@ -1,13 +1,14 @@
-// Two kernels of a stride-1 NHWC convolution for XLA:CPU, through the XLA FFI: its
-// kernel gradient (pvae_kernel_gradient) and its forward pass (pvae_conv, ConvRows).
+// Two kernels of an NHWC convolution for XLA:CPU, through the XLA FFI: its kernel
+// gradient (pvae_kernel_gradient) and its forward pass (pvae_conv, ConvRows).
 //
-// dk[a, b, c, f] = sum_{n, i, j} x_pad[n, i + a, j + b, c] * dy[n, i, j, f], x_pad being
-// x with ``top`` zero rows above and ``left`` zero columns before it (and zeros below
-// and after, up to the output's size; a negative ``top`` or ``left``, or an output
-// smaller than x, crops x instead). x_pad is never built: reads that fall outside x
-// are skipped (rows) or read as zero (columns), so any padding works. For one output
-// row (n, i) and one kernel row a, the kw columns and C channels that output pixel j
-// reads are K = kw * C contiguous floats of x_pad, starting at column j. So row a of
+// dk[a, b, c, f] = sum_{n, i, j} x_pad[n, i * sh + a, j * sw + b, c] * dy[n, i, j, f],
+// sh and sw being the strides over rows and columns and x_pad x with ``top`` zero rows
+// above and ``left`` zero columns before it (and zeros below and after, up to the
+// output's size; a negative ``top`` or ``left``, or an output smaller than x, crops x
+// instead). x_pad is never built: reads that fall outside x are skipped (rows) or read
+// as zero (columns), so any padding works. For one output row (n, i) and one kernel
+// row a, the kw columns and C channels that output pixel j reads are K = kw * C
+// contiguous floats of x_pad, starting at column j * sw, whatever the stride. So row a of
 // dk, as a [K, F] matrix, is a sum over pixels of rank-one updates x_window(j) (K)
 // times dy(j) (F), accumulated here in registers over the Wo pixels of an output row:
 // 5 rows of K by 16 columns of F at a time with AVX2, 12 by 32 with AVX-512. XLA:CPU
@@ -73,11 +74,14 @@ inline void Pixel(V (&acc)[MB][NV], const float* x_row, const float* dy_j, int64
   }
 }
 
+inline int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }  // a >= 0
+
 struct Shape {
   int64_t H, W, C, Ho, Wo, F, kh, K, top, left;
+  int64_t sh = 1, sw = 1;  // the strides over rows and over columns
 };
 
-// dk[r, n .. n + NV lanes] += sum_j x_pad[j * C + m + r] * dy[j, n ..] for r < MB
+// dk[r, n .. n + NV lanes] += sum_j x_pad[j * sw * C + m + r] * dy[j, n ..] for r < MB
 // over the Wo pixels of one output row, x_pad being x_row with ``left`` zero columns
 // before it. Pixels [jlo, jhi) read no padding and take the unguarded loop.
 template <typename V, int MB, int NV>
@@ -88,11 +92,11 @@ inline void Block(const float* x_row, const float* dy, float* dk, int64_t m, int
   V acc[MB][NV] = {};
   const int64_t limit = s.W * s.C;
   for (int64_t j = 0; j < jlo; ++j)
-    Pixel<V, MB, NV, true>(acc, x_row, dy + j * s.F, (j - s.left) * s.C + m, limit);
+    Pixel<V, MB, NV, true>(acc, x_row, dy + j * s.F, (j * s.sw - s.left) * s.C + m, limit);
   for (int64_t j = jlo; j < jhi; ++j)
-    Pixel<V, MB, NV, false>(acc, x_row, dy + j * s.F, (j - s.left) * s.C + m, limit);
+    Pixel<V, MB, NV, false>(acc, x_row, dy + j * s.F, (j * s.sw - s.left) * s.C + m, limit);
   for (int64_t j = jhi; j < s.Wo; ++j)
-    Pixel<V, MB, NV, true>(acc, x_row, dy + j * s.F, (j - s.left) * s.C + m, limit);
+    Pixel<V, MB, NV, true>(acc, x_row, dy + j * s.F, (j * s.sw - s.left) * s.C + m, limit);
   constexpr int L = Lanes<V>();
   for (int r = 0; r < MB; ++r)
     for (int v = 0; v < NV; ++v)
@@ -104,10 +108,12 @@ inline void Block(const float* x_row, const float* dy, float* dk, int64_t m, int
 template <int MB>
 inline void Rows(const float* x_row, const float* dy, float* dk, int64_t m, const Shape& s) {
   // Columns t0 .. t1 of the kernel hold these rows; pixel j reads x columns
-  // j - left + t0 .. j - left + t1, all inside x for j in [jlo, jhi).
+  // j * sw - left + t0 .. j * sw - left + t1, all inside x for j in [jlo, jhi).
   const int64_t t0 = m / s.C, t1 = (m + MB - 1) / s.C;
-  const int64_t jlo = std::min(std::max<int64_t>(s.left - t0, 0), s.Wo);
-  const int64_t jhi = std::max(std::min<int64_t>(s.W + s.left - t1, s.Wo), jlo);
+  const int64_t jlo = std::min(CeilDiv(std::max<int64_t>(s.left - t0, 0), s.sw), s.Wo);
+  const int64_t jhi =
+      std::max(std::min<int64_t>(CeilDiv(std::max<int64_t>(s.W + s.left - t1, 0), s.sw), s.Wo),
+               jlo);
   float* dk_m = dk + m * s.F;
   constexpr int L = Lanes<Wide>();
   int64_t n = 0;
@@ -119,7 +125,7 @@ inline void Rows(const float* x_row, const float* dy, float* dk, int64_t m, cons
     for (int r = 0; r < MB; ++r) {
       float sum = 0.f;
       for (int64_t j = 0; j < s.Wo; ++j) {
-        const int64_t idx = (j - s.left) * s.C + m + r;
+        const int64_t idx = (j * s.sw - s.left) * s.C + m + r;
         if (idx >= 0 && idx < s.W * s.C) sum += x_row[idx] * dy[j * s.F + n];
       }
       dk_m[r * s.F + n] += sum;
@@ -134,7 +140,7 @@ void SumRows(const float* x, const float* dy, float* dk, const Shape& s, int64_t
     const int64_t n = row / s.Ho, i = row % s.Ho;
     const float* dy_row = dy + row * s.Wo * s.F;
     for (int64_t a = 0; a < s.kh; ++a) {
-      const int64_t x_i = i + a - s.top;  // rows of the padding add nothing
+      const int64_t x_i = i * s.sh + a - s.top;  // rows of the padding add nothing
       if (x_i < 0 || x_i >= s.H) continue;
       const float* x_row = x + (n * s.H + x_i) * s.W * s.C;
       float* dk_a = dk + a * s.K * s.F;
@@ -188,14 +194,14 @@ int64_t NumChunks(ffi::ThreadPool& pool, int64_t rows, int64_t min_rows) {
 
 ffi::Error KernelGradient(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                           ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dk,
-                          int64_t top, int64_t left) {
+                          int64_t top, int64_t left, int64_t sh, int64_t sw) {
   const auto xd = x.dimensions(), yd = dy.dimensions(), kd = dk->dimensions();
   if (xd.size() != 4 || yd.size() != 4 || kd.size() != 3 || xd[0] != yd[0] ||
-      yd[3] != kd[2] || kd[1] % xd[3] != 0)
+      yd[3] != kd[2] || kd[1] % xd[3] != 0 || sh < 1 || sw < 1)
     return ffi::Error::InvalidArgument(
         "pvae_kernel_gradient: needs x [B, H, W, C], dy [B, Ho, Wo, F] and a result "
-        "[kh, kw * C, F]");
-  const Shape s{xd[1], xd[2], xd[3], yd[1], yd[2], yd[3], kd[0], kd[1], top, left};
+        "[kh, kw * C, F], and strides of at least 1");
+  const Shape s{xd[1], xd[2], xd[3], yd[1], yd[2], yd[3], kd[0], kd[1], top, left, sh, sw};
   const int64_t rows = xd[0] * s.Ho, size = s.kh * s.K * s.F;
   float* out = dk->typed_data();
   // Chunks of at least 64 rows (a 28x28 image is 28): below that a thread's share is
@@ -221,25 +227,26 @@ ffi::Error KernelGradient(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 }
 
 // The forward pass of the same convolution: y[n, i, j, f] = sum_{a, b, c}
-// x_pad[n, i + a, j + b, c] * k[a, b, c, f]. For one output row and one kernel row a,
-// output pixel j reads the K = kw * C contiguous floats of x_pad's row from column j,
-// so the row is a sum over m < K of x_pad[j * C + m] times row m of k[a] (F floats),
-// accumulated here in registers: R pixels by NV vectors of F at a time (12 by 2 x 16
-// with AVX-512, 6 by 2 x 8 with AVX2), for each m NV loads of k for R x NV
-// multiply-adds, x broadcast from memory.
+// x_pad[n, i * sh + a, j * sw + b, c] * k[a, b, c, f]. For one output row and one kernel
+// row a, output pixel j reads the K = kw * C contiguous floats of x_pad's row from
+// column j * sw, so the row is a sum over m < K of x_pad[j * sw * C + m] times row m of
+// k[a] (F floats), accumulated here in registers: R pixels by NV vectors of F at a time
+// (12 by 2 x 16 with AVX-512, 6 by 2 x 8 with AVX2), for each m NV loads of k for
+// R x NV multiply-adds, x broadcast from memory.
 template <typename V, int R, int NV>
 inline void ConvBlock(const float* const* x_rows, const float* const* k_rows, int num_rows,
                       float* y_row, int64_t j0, int64_t n, const Shape& s) {
   constexpr int L = Lanes<V>();
   V acc[R][NV] = {};
+  const int64_t pixel = s.sw * s.C;  // x's floats from one output pixel to the next
   for (int a = 0; a < num_rows; ++a) {
-    const float* x = x_rows[a] + j0 * s.C;
+    const float* x = x_rows[a] + j0 * pixel;
     const float* k = k_rows[a] + n;
     for (int64_t m = 0; m < s.K; ++m) {
       V kv[NV];
       for (int v = 0; v < NV; ++v) kv[v] = Load<V>(k + m * s.F + L * v);
       for (int r = 0; r < R; ++r) {
-        const V xv = Splat<V>(x[r * s.C + m]);
+        const V xv = Splat<V>(x[r * pixel + m]);
         for (int v = 0; v < NV; ++v) acc[r][v] += xv * kv[v];
       }
     }
@@ -272,11 +279,12 @@ constexpr int kPixelBlock = 6;  // 12 of the 16
 // y's output rows [row0, row1) of the flattened (n, i).
 void ConvRows(const float* x, const float* k, float* y, const Shape& s, int64_t row0,
               int64_t row1) {
-  // x_pad's columns for one kernel row: Wo + kw - 1, column c holding x's c - left.
-  const int64_t kw = s.K / s.C, Wp = s.Wo + kw - 1;
+  // x_pad's columns for one kernel row: (Wo - 1) * sw + kw, column c holding x's
+  // c - left.
+  const int64_t kw = s.K / s.C, Wp = (s.Wo - 1) * s.sw + kw;
   const int64_t c0 = std::clamp<int64_t>(s.left, 0, Wp);  // first column from x
   const int64_t c1 = std::clamp<int64_t>(s.W + s.left, c0, Wp);  // one past the last
-  const bool padded = !(s.left == 0 && Wp == s.W);
+  const bool padded = !(s.left == 0 && Wp <= s.W);
   std::vector<float> buffer(padded ? s.kh * Wp * s.C : 0, 0.f);
   std::vector<const float*> x_rows(s.kh), k_rows(s.kh);
   for (int64_t row = row0; row < row1; ++row) {
@@ -284,7 +292,7 @@ void ConvRows(const float* x, const float* k, float* y, const Shape& s, int64_t 
     float* y_row = y + row * s.Wo * s.F;
     int num_rows = 0;  // kernel rows that read x, not the padding
     for (int64_t a = 0; a < s.kh; ++a) {
-      const int64_t x_i = i + a - s.top;
+      const int64_t x_i = i * s.sh + a - s.top;
       if (x_i < 0 || x_i >= s.H) continue;
       const float* x_row = x + (n * s.H + x_i) * s.W * s.C;
       if (padded) {  // zeros outside [c0, c1) stay from the buffer's start
@@ -309,21 +317,22 @@ void ConvRows(const float* x, const float* k, float* y, const Shape& s, int64_t 
       for (int64_t j = 0; j < s.Wo; ++j) {
         float sum = 0.f;
         for (int a = 0; a < num_rows; ++a)
-          for (int64_t m = 0; m < s.K; ++m) sum += x_rows[a][j * s.C + m] * k_rows[a][m * s.F + f];
+          for (int64_t m = 0; m < s.K; ++m)
+            sum += x_rows[a][j * s.sw * s.C + m] * k_rows[a][m * s.F + f];
         y_row[j * s.F + f] = sum;
       }
   }
 }
 
 ffi::Error Conv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
-                ffi::ResultBuffer<ffi::F32> y, int64_t top, int64_t left) {
+                ffi::ResultBuffer<ffi::F32> y, int64_t top, int64_t left, int64_t sh, int64_t sw) {
   const auto xd = x.dimensions(), kd = k.dimensions(), yd = y->dimensions();
   if (xd.size() != 4 || kd.size() != 3 || yd.size() != 4 || xd[0] != yd[0] ||
-      kd[2] != yd[3] || kd[1] % xd[3] != 0)
+      kd[2] != yd[3] || kd[1] % xd[3] != 0 || sh < 1 || sw < 1)
     return ffi::Error::InvalidArgument(
         "pvae_conv: needs x [B, H, W, C], a kernel [kh, kw * C, F] and a result "
-        "[B, Ho, Wo, F]");
-  const Shape s{xd[1], xd[2], xd[3], yd[1], yd[2], yd[3], kd[0], kd[1], top, left};
+        "[B, Ho, Wo, F], and strides of at least 1");
+  const Shape s{xd[1], xd[2], xd[3], yd[1], yd[2], yd[3], kd[0], kd[1], top, left, sh, sw};
   const int64_t rows = xd[0] * s.Ho;
   // Each chunk writes its own rows of y: nothing to add up afterwards.
   const int64_t count = NumChunks(pool, rows, 16);
@@ -334,8 +343,8 @@ ffi::Error Conv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::
   return ffi::Error::Success();
 }
 
-// Both kernels take the pool, two float32 arrays, one result and the padding's top and
-// left.
+// Both kernels take the pool, two float32 arrays, one result, the padding's top and
+// left, and the strides over rows and columns.
 auto Binding() {
   return ffi::Ffi::Bind()
       .Ctx<ffi::ThreadPool>()
@@ -343,7 +352,9 @@ auto Binding() {
       .Arg<ffi::Buffer<ffi::F32>>()
       .Ret<ffi::Buffer<ffi::F32>>()
       .Attr<int64_t>("top")
-      .Attr<int64_t>("left");
+      .Attr<int64_t>("left")
+      .Attr<int64_t>("stride_rows")
+      .Attr<int64_t>("stride_cols");
 }
 
 }  // namespace

@@ -1,6 +1,6 @@
 """Compiled CPU kernels, built from ``cpu_kernels.cc`` on first use.
 
-Two kernels, for a stride-1 NHWC convolution: its kernel gradient
+Two kernels, for an NHWC convolution of any stride: its kernel gradient
 (``kernel_gradient``), which XLA:CPU computes several times slower than its forward
 pass on the 16- and 32-channel layers of the gated PixelCNNs (3.6x for a 3x5 kernel,
 16 -> 32 channels, on a 2-core Zen 3; see ``cpu_kernels.cc``), and its forward pass
@@ -109,13 +109,18 @@ def _float32_like(t, shape):
                        sharding=NamedSharding(aval.sharding.mesh, PartitionSpec()))
 
 
-def _ffi_kernel_gradient(x_BxHxWxC, dy_BxHoxWoxF, kernel_shape, padding):
-    kh, kw, C, F = kernel_shape
+def _attributes(padding, strides) -> dict:
     (top, _), (left, _) = padding
+    return dict(top=np.int64(top), left=np.int64(left), stride_rows=np.int64(strides[0]),
+                stride_cols=np.int64(strides[1]))
+
+
+def _ffi_kernel_gradient(x_BxHxWxC, dy_BxHoxWoxF, kernel_shape, padding, strides):
+    kh, kw, C, F = kernel_shape
     out = _float32_like(dy_BxHoxWoxF, (kh, kw * C, F))
     # vmap runs the call once per mapped element (there is no batched form).
     return jax.ffi.ffi_call(_TARGET, out, vmap_method="sequential")(
-        x_BxHxWxC, dy_BxHoxWoxF, top=np.int64(top), left=np.int64(left))
+        x_BxHxWxC, dy_BxHoxWoxF, **_attributes(padding, strides))
 
 
 def _batch_axes(arg_shapes) -> tuple[str, ...]:
@@ -129,66 +134,77 @@ def _batch_sharding(mesh, arg_shapes) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(_batch_axes(arg_shapes) or None, None, None, None))
 
 
-def _partition(kernel_shape, padding, mesh, arg_shapes, result_shape):
+def _partition(kernel_shape, padding, strides, mesh, arg_shapes, result_shape):
     # Sharded over the batch only: each device sums its own images, then one all-reduce.
     axes = _batch_axes(arg_shapes)
     arg_sharding = _batch_sharding(mesh, arg_shapes)
 
     def lower(x, dy):
-        dk = _ffi_kernel_gradient(x, dy, kernel_shape, padding)
+        dk = _ffi_kernel_gradient(x, dy, kernel_shape, padding, strides)
         return jax.lax.psum(dk, axes) if axes else dk
 
     return mesh, lower, NamedSharding(mesh, PartitionSpec()), (arg_sharding, arg_sharding)
 
 
-@functools.partial(custom_partitioning, static_argnums=(2, 3))
-def _partitioned_kernel_gradient(x_BxHxWxC, dy_BxHoxWoxF, kernel_shape, padding):
-    return _ffi_kernel_gradient(x_BxHxWxC, dy_BxHoxWoxF, kernel_shape, padding)
+@functools.partial(custom_partitioning, static_argnums=(2, 3, 4))
+def _partitioned_kernel_gradient(x_BxHxWxC, dy_BxHoxWoxF, kernel_shape, padding, strides):
+    return _ffi_kernel_gradient(x_BxHxWxC, dy_BxHoxWoxF, kernel_shape, padding, strides)
 
 
 _partitioned_kernel_gradient.def_partition(
     _partition,
-    infer_sharding_from_operands=lambda kernel_shape, padding, mesh, arg_shapes, result_shape:
-        NamedSharding(mesh, PartitionSpec()),
+    infer_sharding_from_operands=lambda kernel_shape, padding, strides, mesh, arg_shapes,
+                                        result_shape: NamedSharding(mesh, PartitionSpec()),
     sharding_rule="b h w c, b ho wo f -> kh kc f",
     reduction_factors=("b",),
     need_replication_factors=("h", "w", "c", "ho", "wo"),
 )
 
 
-def _ffi_conv(x_BxHxWxC, kernel_KHxKWCxF, padding):
+def _ffi_conv(x_BxHxWxC, kernel_KHxKWCxF, padding, strides):
     (top, bottom), (left, right) = padding
     B, H, W, C = x_BxHxWxC.shape
     kh, kwc, F = kernel_KHxKWCxF.shape
-    out_shape = (B, H + top + bottom - kh + 1, W + left + right - kwc // C + 1, F)
+    out_shape = (B, (H + top + bottom - kh) // strides[0] + 1,
+                 (W + left + right - kwc // C) // strides[1] + 1, F)
     return jax.ffi.ffi_call(_CONV_TARGET, _float32_like(x_BxHxWxC, out_shape),
                             vmap_method="sequential")(
-        x_BxHxWxC, kernel_KHxKWCxF, top=np.int64(top), left=np.int64(left))
+        x_BxHxWxC, kernel_KHxKWCxF, **_attributes(padding, strides))
 
 
-def _conv_partition(padding, mesh, arg_shapes, result_shape):
+def _conv_partition(padding, strides, mesh, arg_shapes, result_shape):
     # Each device convolves its own images with the whole kernel: nothing to reduce.
     batch = _batch_sharding(mesh, arg_shapes)
-    lower = functools.partial(_ffi_conv, padding=padding)
+    lower = functools.partial(_ffi_conv, padding=padding, strides=strides)
     return mesh, lower, batch, (batch, NamedSharding(mesh, PartitionSpec()))
 
 
-@functools.partial(custom_partitioning, static_argnums=(2,))
-def _partitioned_conv(x_BxHxWxC, kernel_KHxKWCxF, padding):
-    return _ffi_conv(x_BxHxWxC, kernel_KHxKWCxF, padding)
+@functools.partial(custom_partitioning, static_argnums=(2, 3))
+def _partitioned_conv(x_BxHxWxC, kernel_KHxKWCxF, padding, strides):
+    return _ffi_conv(x_BxHxWxC, kernel_KHxKWCxF, padding, strides)
 
 
 _partitioned_conv.def_partition(
     _conv_partition,
-    infer_sharding_from_operands=lambda padding, mesh, arg_shapes, result_shape:
+    infer_sharding_from_operands=lambda padding, strides, mesh, arg_shapes, result_shape:
         _batch_sharding(mesh, arg_shapes),
     sharding_rule="b h w c, kh kc f -> b ho wo f",
     need_replication_factors=("h", "w", "c", "kh", "kc", "f", "ho", "wo"),
 )
 
 
-def conv(x_BxHxWxC, kernel_HxWxIxO, padding, partitioned: bool = True) -> jax.Array:
-    """``lax.conv_general_dilated(x, kernel, (1, 1), padding)`` (NHWC, HWIO, any
+def _static(padding, strides):
+    """Padding and strides as hashable ints, for the static arguments; ValueError for a
+    stride below 1."""
+    strides = tuple(int(s) for s in strides)
+    if len(strides) != 2 or min(strides) < 1:
+        raise ValueError(f"strides must be two ints of at least 1, got {strides!r}")
+    return tuple((int(lo), int(hi)) for lo, hi in padding), strides
+
+
+def conv(x_BxHxWxC, kernel_HxWxIxO, padding, partitioned: bool = True,
+         strides: tuple[int, int] = (1, 1)) -> jax.Array:
+    """``lax.conv_general_dilated(x, kernel, strides, padding)`` (NHWC, HWIO, any
     integer padding) in float32 by the compiled kernel; RuntimeError where the kernels
     are unavailable.
 
@@ -198,16 +214,16 @@ def conv(x_BxHxWxC, kernel_HxWxIxO, padding, partitioned: bool = True) -> jax.Ar
     if not registered():
         raise RuntimeError(f"the compiled CPU kernels are unavailable ({ENABLE_VAR}=0, no "
                            "C++ compiler, or a failed build: see the log)")
-    padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+    padding, strides = _static(padding, strides)
     kh, kw, C, F = kernel_HxWxIxO.shape
     kernel = kernel_HxWxIxO.astype(jnp.float32).reshape(kh, kw * C, F)
     call = _partitioned_conv if partitioned else _ffi_conv
-    return call(x_BxHxWxC.astype(jnp.float32), kernel, padding)
+    return call(x_BxHxWxC.astype(jnp.float32), kernel, padding, strides)
 
 
 def kernel_gradient(x_BxHxWxC, dy_BxHoxWoxF, kernel_shape, padding,
-                    partitioned: bool = True) -> jax.Array:
-    """d/dkernel of ``sum(conv(x, kernel, padding) * dy)`` (stride 1, NHWC, HWIO), in
+                    partitioned: bool = True, strides: tuple[int, int] = (1, 1)) -> jax.Array:
+    """d/dkernel of ``sum(conv(x, kernel, padding, strides=strides) * dy)`` (NHWC, HWIO), in
     float32, by the compiled kernel, which this builds and registers if no call has yet
     (RuntimeError if it cannot be: ``conv2d`` then keeps XLA's gradients instead).
 
@@ -218,9 +234,9 @@ def kernel_gradient(x_BxHxWxC, dy_BxHoxWoxF, kernel_shape, padding,
     if not registered():
         raise RuntimeError(f"the compiled CPU kernels are unavailable ({ENABLE_VAR}=0, no "
                            "C++ compiler, or a failed build: see the log)")
-    padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+    padding, strides = _static(padding, strides)
     kernel_shape = tuple(int(d) for d in kernel_shape)
     call = _partitioned_kernel_gradient if partitioned else _ffi_kernel_gradient
     dk = call(x_BxHxWxC.astype(jnp.float32), dy_BxHoxWoxF.astype(jnp.float32),
-              kernel_shape, padding)
+              kernel_shape, padding, strides)
     return dk.reshape(kernel_shape)
