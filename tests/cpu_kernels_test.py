@@ -18,8 +18,9 @@ from pvae_jax.nn import conv, cpu_kernels
 # remainders in every register block. Kernel gradient: rows of kw*C 5 with AVX2, 12
 # with AVX-512, then 4, then 1; columns of F 16 and 8 with AVX2, 32, 16 and 8 with
 # AVX-512, then 1. Forward pass: the same columns, then pixels of a row 12, 6, 4, 2, 1
-# (AVX-512, by 32 columns), 24, 12, 4, 2, 1 (by 16) or 6, 4, 2, 1 (AVX2, by 16); the
-# 31-pixel rows below take most of these.
+# (AVX-512, by 32 columns), 24, 12, 4, 2, 1 (by 16), 14, 8, 4, 1 (by 16, kernels 3 or
+# 5 wide) or 6, 4, 2, 1 (AVX2, by 16); the 31- and 27-pixel rows below take most of
+# these.
 CASES = [
     ((3, 9, 8, 16), (3, 5, 16, 32), ((2, 0), (2, 2))),  # vertical stack
     ((3, 9, 8, 16), (1, 3, 16, 32), ((0, 0), (2, 0))),  # horizontal stack
@@ -31,6 +32,8 @@ CASES = [
     ((2, 5, 6, 8), (1, 1, 8, 12), ((1, -1), (0, 0))),  # the row shift of RowAboveDense
     ((2, 6, 5, 3), (3, 3, 3, 16), ((-1, 2), (3, -1))),  # crops
     ((2, 3, 31, 4), (2, 3, 4, 59), ((1, 0), (2, 0))),  # F = 32 + 16 + 8 + 3
+    ((2, 4, 31, 8), (3, 5, 8, 16), ((0, 2), (2, 2))),  # a vertical input gradient's form
+    ((2, 3, 27, 6), (1, 3, 6, 48), ((0, 0), (0, 2))),  # horizontal, F = 32 + 16
 ]
 # (x shape, kernel shape, padding, strides): the encoders' stride-2 layers ('SAME' on
 # even and odd sizes), unequal strides, padding past the kernel, and a stride larger

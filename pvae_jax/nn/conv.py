@@ -125,13 +125,24 @@ def conv2d(x_BxHxWxC: jax.Array, kernel_HxWxIxO: jax.Array, padding: Padding,
     return _fast_forward(x_BxHxWxC, kernel_HxWxIxO, padding, strides)
 
 
+def _compiled_forward_is_faster(kernel_shape, strides) -> bool:
+    """Where the compiled forward pass measured faster than XLA's (2-core Xeon, 50
+    images of 28x28): output channels a multiple of 32, or of 16 for a kernel 3 or 5
+    wide at stride 1 (``TapBlock`` in ``cpu_kernels.cc``: the stacks' input gradients,
+    0.976x and 0.978x the gated_noup step's time in two runs of 40 and 60 alternated
+    rounds)."""
+    _, kw, _, F = kernel_shape
+    return F % 32 == 0 or (F % 16 == 0 and kw in (3, 5) and tuple(strides) == (1, 1))
+
+
 def _cpu_forward(x_BxHxWxC, kernel_HxWxIxO, *, padding, strides):
     """On the CPU: the compiled forward pass where it measured faster than XLA's
-    (``cpu_kernels.forward_enabled``, float32, output channels a multiple of 32), else
-    XLA's. A gated_noup train step took 0.95x the time with it (2-core Xeon, medians of
-    30 alternated steps): the stacks' forward convolutions, the heads' 1x1s and the
-    vertical-to-horizontal 1x1's input gradient."""
-    if (x_BxHxWxC.dtype != jnp.float32 or kernel_HxWxIxO.shape[3] % 32
+    (``cpu_kernels.forward_enabled``, float32, ``_compiled_forward_is_faster``), else
+    XLA's. With the 32-channel outputs alone, a gated_noup train step took 0.95x the
+    time (2-core Xeon, medians of 30 alternated steps): the stacks' forward
+    convolutions, the heads' 1x1s and the vertical-to-horizontal 1x1's input gradient."""
+    if (x_BxHxWxC.dtype != jnp.float32
+            or not _compiled_forward_is_faster(kernel_HxWxIxO.shape, strides)
             or not cpu_kernels.forward_enabled()):
         return _forward(x_BxHxWxC, kernel_HxWxIxO, padding, strides)
     conv_padding, rest = _split_padding(padding, kernel_HxWxIxO.shape[:2], strides)
@@ -261,7 +272,8 @@ def _kernel_gradient_abstract(x, dy, *, kernel_shape, padding, strides):
 def _input_cotangent(ct_BxHoxWoxO, kernel_HxWxIxO, padding, strides, x_shape):
     """The transpose of ``_forward`` in x (of ``x_shape``): the convolution with the
     flipped kernel, in and out channels swapped, padded by kernel size - 1 minus
-    ``_forward``'s (with strides, lax's transpose, which dilates ``ct``)."""
+    ``_forward``'s, by ``_fast_forward`` (with strides, lax's transpose, which dilates
+    ``ct``)."""
     if strides != (1, 1):
         (dx,) = jax.linear_transpose(lambda x: _forward(x, kernel_HxWxIxO, padding, strides),
                                      jax.ShapeDtypeStruct(x_shape, ct_BxHoxWoxO.dtype))(
@@ -278,8 +290,7 @@ def _input_cotangent(ct_BxHoxWoxO, kernel_HxWxIxO, padding, strides, x_shape):
                        negated(rest))
     transposed = tuple((k - 1 - lo, k - 1 - hi)
                        for (lo, hi), k in zip(conv_padding, kernel_hw, strict=True))
-    return jax.lax.conv_general_dilated(_pad_hw(ct_BxHoxWoxO, negated(rest)), kernel_t,
-                                        (1, 1), transposed, dimension_numbers=_DIMS_2D)
+    return _fast_forward(_pad_hw(ct_BxHoxWoxO, negated(rest)), kernel_t, transposed, (1, 1))
 
 
 def _vmapped(fn):

@@ -5,7 +5,8 @@ Two kernels, for an NHWC convolution of any stride: its kernel gradient
 pass on the 16- and 32-channel layers of the gated PixelCNNs (3.6x for a 3x5 kernel,
 16 -> 32 channels, on a 2-core Zen 3; see ``cpu_kernels.cc``), and its forward pass
 (``conv``), which ``nn/conv.py`` takes where it measured faster than XLA's
-(``forward_enabled``: AVX-512 builds, output channels a multiple of 32).
+(``forward_enabled``: AVX-512 builds; output channels a multiple of 32, or of 16 for
+kernels 3 or 5 wide).
 
 The source is compiled by ``native.build`` (the machine's C++ compiler, against the XLA
 FFI headers of the installed jaxlib, cached in ``$PVAE_JAX_CACHE``) for this CPU
@@ -83,8 +84,8 @@ def enabled() -> bool:
 
 def forward_enabled() -> bool:
     """Whether ``conv2d`` traced now takes the compiled forward pass (for float32 and
-    output channels a multiple of 32): ``enabled()`` on a CPU with the AVX-512 blocks.
-    The AVX2 blocks, and either for 16 output channels, measured slower than XLA's."""
+    the shapes of ``conv._compiled_forward_is_faster``): ``enabled()`` on a CPU with
+    the AVX-512 blocks. The AVX2 blocks measured slower than XLA's."""
     return enabled() and bool(_library.PvaeWideBlocks())
 
 
