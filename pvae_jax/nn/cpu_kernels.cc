@@ -5,8 +5,9 @@
 // sh and sw being the strides over rows and columns and x_pad x with ``top`` zero rows
 // above and ``left`` zero columns before it (and zeros below and after, up to the
 // output's size; a negative ``top`` or ``left``, or an output smaller than x, crops x
-// instead). x_pad is never built: reads that fall outside x are skipped (rows) or read
-// as zero (columns), so any padding works. For one output row (n, i) and one kernel
+// instead). x_pad is never built whole: rows that fall outside x are skipped, and a
+// row whose columns need padding or cropping is copied into a zero-padded buffer
+// (PaddedRows), so any padding works. For one output row (n, i) and one kernel
 // row a, the kw columns and C channels that output pixel j reads are K = kw * C
 // contiguous floats of x_pad, starting at column j * sw, whatever the stride. So row a of
 // dk, as a [K, F] matrix, is a sum over pixels of rank-one updates x_window(j) (K)
@@ -59,45 +60,54 @@ inline V Load(const float* p) { V v; std::memcpy(&v, p, sizeof v); return v; }
 template <typename V>
 inline void Store(float* p, V v) { std::memcpy(p, &v, sizeof v); }
 
-// One pixel's rank-one update of an MB x (NV vectors) block: acc[r] += x[idx0 + r] *
-// dy_j. A guarded pixel reads zero where idx0 + r falls outside the row [0, limit): a
-// column of the padding.
-template <typename V, int MB, int NV, bool kGuarded>
-inline void Pixel(V (&acc)[MB][NV], const float* x_row, const float* dy_j, int64_t idx0,
-                  int64_t limit) {
-  V d[NV];
-  for (int v = 0; v < NV; ++v) d[v] = Load<V>(dy_j + Lanes<V>() * v);
-  for (int r = 0; r < MB; ++r) {
-    const int64_t idx = idx0 + r;
-    const V xv = Splat<V>(!kGuarded || (idx >= 0 && idx < limit) ? x_row[idx] : 0.f);
-    for (int v = 0; v < NV; ++v) acc[r][v] += xv * d[v];
-  }
-}
-
-inline int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }  // a >= 0
-
 struct Shape {
   int64_t H, W, C, Ho, Wo, F, kh, K, top, left;
   int64_t sh = 1, sw = 1;  // the strides over rows and over columns
 };
 
+// Rows of x as rows of x_pad: the Wp = (Wo - 1) * sw + kw columns that one kernel row
+// reads, column c holding x's column c - left and zeros outside x. Where x needs no
+// padding (or cropping) at the sides, x's own row; else a copy in a buffer with one
+// slot per kernel row, whose columns outside x stay zero from the start, since every
+// slot always takes the same columns.
+class PaddedRows {
+ public:
+  explicit PaddedRows(const Shape& s)
+      : C_(s.C), left_(s.left), Wp_((s.Wo - 1) * s.sw + s.K / s.C),
+        c0_(std::clamp<int64_t>(s.left, 0, Wp_)),
+        c1_(std::clamp<int64_t>(s.W + s.left, c0_, Wp_)),
+        buffer_(s.left == 0 && Wp_ <= s.W ? 0 : s.kh * Wp_ * s.C, 0.f) {}
+
+  const float* Get(const float* x_row, int64_t slot) {
+    if (buffer_.empty()) return x_row;
+    float* p = buffer_.data() + slot * Wp_ * C_;
+    std::memcpy(p + c0_ * C_, x_row + (c0_ - left_) * C_, sizeof(float) * (c1_ - c0_) * C_);
+    return p;
+  }
+
+ private:
+  int64_t C_, left_, Wp_, c0_, c1_;
+  std::vector<float> buffer_;
+};
+
 // dk[r, n .. n + NV lanes] += sum_j x_pad[j * sw * C + m + r] * dy[j, n ..] for r < MB
-// over the Wo pixels of one output row, x_pad being x_row with ``left`` zero columns
-// before it. Pixels [jlo, jhi) read no padding and take the unguarded loop.
+// over the Wo pixels of one output row: for each pixel, the NV vectors of dy times MB
+// inputs broadcast.
 template <typename V, int MB, int NV>
-inline void Block(const float* x_row, const float* dy, float* dk, int64_t m, int64_t jlo,
-                  int64_t jhi, const Shape& s) {
+inline void Block(const float* x_pad, const float* dy, float* dk, int64_t m, const Shape& s) {
   // Summed from zero and then added to dk: the sum over pixels is then a sum of row
   // sums, with less rounding than one running sum over all of them.
   V acc[MB][NV] = {};
-  const int64_t limit = s.W * s.C;
-  for (int64_t j = 0; j < jlo; ++j)
-    Pixel<V, MB, NV, true>(acc, x_row, dy + j * s.F, (j * s.sw - s.left) * s.C + m, limit);
-  for (int64_t j = jlo; j < jhi; ++j)
-    Pixel<V, MB, NV, false>(acc, x_row, dy + j * s.F, (j * s.sw - s.left) * s.C + m, limit);
-  for (int64_t j = jhi; j < s.Wo; ++j)
-    Pixel<V, MB, NV, true>(acc, x_row, dy + j * s.F, (j * s.sw - s.left) * s.C + m, limit);
   constexpr int L = Lanes<V>();
+  const float* x = x_pad + m;
+  for (int64_t j = 0; j < s.Wo; ++j, x += s.sw * s.C) {
+    V d[NV];
+    for (int v = 0; v < NV; ++v) d[v] = Load<V>(dy + j * s.F + L * v);
+    for (int r = 0; r < MB; ++r) {
+      const V xv = Splat<V>(x[r]);
+      for (int v = 0; v < NV; ++v) acc[r][v] += xv * d[v];
+    }
+  }
   for (int r = 0; r < MB; ++r)
     for (int v = 0; v < NV; ++v)
       Store<V>(dk + r * s.F + L * v, Load<V>(dk + r * s.F + L * v) + acc[r][v]);
@@ -106,50 +116,55 @@ inline void Block(const float* x_row, const float* dy, float* dk, int64_t m, int
 // Rows m .. m + MB of dk over all F columns: two wide vectors at a time, then one,
 // then 8 columns (with AVX-512; with AVX2 that is the loop before), then one by one.
 template <int MB>
-inline void Rows(const float* x_row, const float* dy, float* dk, int64_t m, const Shape& s) {
-  // Columns t0 .. t1 of the kernel hold these rows; pixel j reads x columns
-  // j * sw - left + t0 .. j * sw - left + t1, all inside x for j in [jlo, jhi).
-  const int64_t t0 = m / s.C, t1 = (m + MB - 1) / s.C;
-  const int64_t jlo = std::min(CeilDiv(std::max<int64_t>(s.left - t0, 0), s.sw), s.Wo);
-  const int64_t jhi =
-      std::max(std::min<int64_t>(CeilDiv(std::max<int64_t>(s.W + s.left - t1, 0), s.sw), s.Wo),
-               jlo);
+inline void Rows(const float* x_pad, const float* dy, float* dk, int64_t m, const Shape& s) {
   float* dk_m = dk + m * s.F;
   constexpr int L = Lanes<Wide>();
   int64_t n = 0;
-  for (; n + 2 * L <= s.F; n += 2 * L)
-    Block<Wide, MB, 2>(x_row, dy + n, dk_m + n, m, jlo, jhi, s);
-  for (; n + L <= s.F; n += L) Block<Wide, MB, 1>(x_row, dy + n, dk_m + n, m, jlo, jhi, s);
-  for (; n + 8 <= s.F; n += 8) Block<v8, MB, 1>(x_row, dy + n, dk_m + n, m, jlo, jhi, s);
+  for (; n + 2 * L <= s.F; n += 2 * L) Block<Wide, MB, 2>(x_pad, dy + n, dk_m + n, m, s);
+  for (; n + L <= s.F; n += L) Block<Wide, MB, 1>(x_pad, dy + n, dk_m + n, m, s);
+  for (; n + 8 <= s.F; n += 8) Block<v8, MB, 1>(x_pad, dy + n, dk_m + n, m, s);
   for (; n < s.F; ++n)
     for (int r = 0; r < MB; ++r) {
       float sum = 0.f;
-      for (int64_t j = 0; j < s.Wo; ++j) {
-        const int64_t idx = (j * s.sw - s.left) * s.C + m + r;
-        if (idx >= 0 && idx < s.W * s.C) sum += x_row[idx] * dy[j * s.F + n];
-      }
+      for (int64_t j = 0; j < s.Wo; ++j) sum += x_pad[j * s.sw * s.C + m + r] * dy[j * s.F + n];
       dk_m[r * s.F + n] += sum;
     }
+}
+
+// Rows m from ``m`` to K of dk, MB at a time, then 4, then 1. Each entry of dk sums its
+// pixels in the same order whichever block it falls in. Against the guarded reads of
+// the padding this replaced, and blocks of 12 then 4 for K = 80, the vertical stacks'
+// kernel gradient took 3.45 ms against 3.83 ms (2-core Xeon, 50 images, medians of 40
+// calls, the same result to the bit) and a gated_noup step 0.987x the time.
+template <int MB>
+inline void RowsFrom(const float* x_pad, const float* dy, float* dk, int64_t m,
+                     const Shape& s) {
+  for (; m + MB <= s.K; m += MB) Rows<MB>(x_pad, dy, dk, m, s);
+  for (; m + 4 <= s.K; m += 4) Rows<4>(x_pad, dy, dk, m, s);
+  for (; m < s.K; ++m) Rows<1>(x_pad, dy, dk, m, s);
 }
 
 // dk (kh x K x F, zeroed by the caller) += the sum over output rows [row0, row1) of
 // the flattened (n, i).
 void SumRows(const float* x, const float* dy, float* dk, const Shape& s, int64_t row0,
              int64_t row1) {
+  PaddedRows x_rows(s);
   for (int64_t row = row0; row < row1; ++row) {
     const int64_t n = row / s.Ho, i = row % s.Ho;
     const float* dy_row = dy + row * s.Wo * s.F;
     for (int64_t a = 0; a < s.kh; ++a) {
       const int64_t x_i = i * s.sh + a - s.top;  // rows of the padding add nothing
       if (x_i < 0 || x_i >= s.H) continue;
-      const float* x_row = x + (n * s.H + x_i) * s.W * s.C;
+      const float* x_pad = x_rows.Get(x + (n * s.H + x_i) * s.W * s.C, a);
       float* dk_a = dk + a * s.K * s.F;
-      int64_t m = 0;
-      for (; m + kRowBlock <= s.K; m += kRowBlock) Rows<kRowBlock>(x_row, dy_row, dk_a, m, s);
-      // K is a multiple of C, and so often of 4 (80 = 6 x 12 + 2 x 4 on AVX-512). Each
-      // entry of dk sums its pixels in the same order whichever block it falls in.
-      for (; m + 4 <= s.K; m += 4) Rows<4>(x_row, dy_row, dk_a, m, s);
-      for (; m < s.K; ++m) Rows<1>(x_row, dy_row, dk_a, m, s);
+#if defined(__AVX512F__)
+      // Blocks of 12 rows where they divide K, else of 10 (the vertical stacks' 80),
+      // else of 12 and the rest by 4 and 1.
+      if (s.K % 12 != 0 && s.K % 10 == 0)
+        RowsFrom<10>(x_pad, dy_row, dk_a, 0, s);
+      else
+#endif
+        RowsFrom<kRowBlock>(x_pad, dy_row, dk_a, 0, s);
     }
   }
 }
@@ -322,13 +337,8 @@ constexpr int kPixelBlock = 6;  // 12 of the 16
 // y's output rows [row0, row1) of the flattened (n, i).
 void ConvRows(const float* x, const float* k, float* y, const Shape& s, int64_t row0,
               int64_t row1) {
-  // x_pad's columns for one kernel row: (Wo - 1) * sw + kw, column c holding x's
-  // c - left.
-  const int64_t kw = s.K / s.C, Wp = (s.Wo - 1) * s.sw + kw;
-  const int64_t c0 = std::clamp<int64_t>(s.left, 0, Wp);  // first column from x
-  const int64_t c1 = std::clamp<int64_t>(s.W + s.left, c0, Wp);  // one past the last
-  const bool padded = !(s.left == 0 && Wp <= s.W);
-  std::vector<float> buffer(padded ? s.kh * Wp * s.C : 0, 0.f);
+  const int64_t kw = s.K / s.C;
+  PaddedRows padded(s);
   std::vector<const float*> x_rows(s.kh), k_rows(s.kh);
   for (int64_t row = row0; row < row1; ++row) {
     const int64_t n = row / s.Ho, i = row % s.Ho;
@@ -337,13 +347,7 @@ void ConvRows(const float* x, const float* k, float* y, const Shape& s, int64_t 
     for (int64_t a = 0; a < s.kh; ++a) {
       const int64_t x_i = i * s.sh + a - s.top;
       if (x_i < 0 || x_i >= s.H) continue;
-      const float* x_row = x + (n * s.H + x_i) * s.W * s.C;
-      if (padded) {  // zeros outside [c0, c1) stay from the buffer's start
-        float* p = buffer.data() + num_rows * Wp * s.C;
-        std::memcpy(p + c0 * s.C, x_row + (c0 - s.left) * s.C, sizeof(float) * (c1 - c0) * s.C);
-        x_row = p;
-      }
-      x_rows[num_rows] = x_row;
+      x_rows[num_rows] = padded.Get(x + (n * s.H + x_i) * s.W * s.C, num_rows);
       k_rows[num_rows] = k + a * s.K * s.F;
       ++num_rows;
     }
