@@ -59,6 +59,20 @@ def _processor(cpuinfo_path: str = "/proc/cpuinfo") -> str:
         fields["model name"], fields.get("cpu family", "?"), fields.get("model", "?"))
 
 
+def _steal_seconds(stat_path: str = "/proc/stat") -> float | None:
+    """CPU time the hypervisor gave to others while this machine's vCPUs were ready to
+    run, all vCPUs together, since boot (the ``steal`` column of ``/proc/stat``); None
+    where the file or the column is missing (not Linux, or a kernel before 2.6.11)."""
+    try:
+        with open(stat_path) as stat:
+            fields = stat.readline().split()
+    except OSError:
+        return None
+    if len(fields) < 9 or fields[0] != "cpu":
+        return None
+    return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+
+
 def _device_memory_stats(device) -> dict[str, int] | None:
     try:
         stats = device.memory_stats()
@@ -244,6 +258,9 @@ def run_benchmark(
     shared with other work it varies far less than the wall-clock rates, so compare
     variants by it there. ``train_page_faults_per_step`` counts the process's minor
     page faults (memory mapped afresh and touched; see ``runtime.MALLOC_ENV``).
+    ``train_steal_seconds_per_step`` is the machine's steal time per timed step (see
+    ``_steal_seconds``; None where the kernel does not report it): on a virtual machine,
+    the share of the step the hypervisor ran other guests instead.
     ``input_wait_fraction`` is the share of the timed steps' wall time the
     host spent in ``next(data_iterator)`` and ``Trainer.put``. Dispatch is
     asynchronous, so that time may overlap the device's work on the running step: it
@@ -309,7 +326,7 @@ def run_benchmark(
     input_seconds = 0.0
     step_seconds = []
     last_done = None
-    cpu_start, faults_start = 0.0, 0
+    cpu_start, faults_start, steal_start = 0.0, 0, None
     for i in range(num_steps):
         t0 = time.perf_counter()
         image = trainer.put(next(data_iter))["image"]
@@ -322,6 +339,7 @@ def run_benchmark(
         if last_done is None:
             cpu_start = time.process_time()
             faults_start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            steal_start = _steal_seconds()
         else:
             step_seconds.append(done - last_done)
         last_done = done
@@ -330,6 +348,9 @@ def run_benchmark(
     train_seconds = math.fsum(step_seconds)
     train_cpu_seconds = time.process_time() - cpu_start
     page_faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_start
+    steal_end = _steal_seconds()
+    steal_seconds = (None if steal_start is None or steal_end is None
+                     else steal_end - steal_start)
     last_loss = float(jax.device_get(metrics["train/loss"]))
     del data_iter  # Lets grain stop its worker processes, if any, before eval is timed.
 
@@ -379,6 +400,8 @@ def run_benchmark(
         "input_wait_fraction": min(1.0, input_seconds / train_seconds),
         "train_cpu_seconds_per_step": train_cpu_seconds / num_steps,
         "train_page_faults_per_step": page_faults / num_steps,
+        "train_steal_seconds_per_step": (None if steal_seconds is None
+                                         else steal_seconds / num_steps),
         "train_loss_last": last_loss,
         "eval_seconds": eval_seconds,
         "eval_images_per_sec": num_eval_batches * config.eval_batch_size / eval_seconds,

@@ -53,6 +53,8 @@ def _check_schema(result, config, num_steps, num_eval_batches, device_count):
     assert result["cpu_kernels"] is True  # the tests run on the CPU, with a compiler
     assert isinstance(result["block_cache"], bool)  # pytest does not preload it
     assert result["train_page_faults_per_step"] >= 0
+    steal = result["train_steal_seconds_per_step"]
+    assert steal is None or (math.isfinite(steal) and steal >= 0)
     assert math.isfinite(result["train_loss_last"])
     assert math.isclose(result["train_images_per_sec"],
                         result["train_steps_per_sec"] * config.batch_size, rel_tol=1e-9)
@@ -102,6 +104,17 @@ def test_processor_names_the_first_cores_model(tmp_path):
     cpuinfo.write_text("processor\t: 0\nBogoMIPS\t: 50.00\n")
     assert bench._processor(str(cpuinfo)) == platform.processor()
     assert bench._processor(str(tmp_path / "missing")) == platform.processor()
+
+
+def test_steal_seconds_read_the_steal_column(tmp_path):
+    stat = tmp_path / "stat"
+    hz = os.sysconf("SC_CLK_TCK")
+    stat.write_text(f"cpu  3880128 0 417349 4414907 2538 0 869 {7 * hz} 0 0\ncpu0 1 2 3\n")
+    assert bench._steal_seconds(str(stat)) == 7.0
+    # A kernel without the column (before 2.6.11), and no file at all: unknown.
+    stat.write_text("cpu  3880128 0 417349 4414907 2538 0 869\n")
+    assert bench._steal_seconds(str(stat)) is None
+    assert bench._steal_seconds(str(tmp_path / "missing")) is None
 
 
 def test_run_benchmark_schema():
