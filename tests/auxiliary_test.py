@@ -46,7 +46,7 @@ def _perturbed(x_HxWxC, levels, positions):
     return jnp.asarray(batch)
 
 
-def _check_causal(log_prob_fn, x_HxWxC, levels, positions):
+def _assert_causal(log_prob_fn, x_HxWxC, levels, positions):
     """Changing sub-pixel e leaves log p(x_d | x_<d) unchanged for every d before e and
     changes some later one (raster order, then channel).
 
@@ -67,7 +67,7 @@ def _check_causal(log_prob_fn, x_HxWxC, levels, positions):
                 "a later sub-pixel ignores an earlier one")
 
 
-def _check_normalised(log_prob_fn, x_HxWxC, levels, position):
+def _assert_normalised(log_prob_fn, x_HxWxC, levels, position):
     """Summed over every value of one sub-pixel, p(x_d | x_<d) is 1."""
     i, j, c = position
     total = 0.0
@@ -104,15 +104,15 @@ def test_the_causality_and_normalisation_checks_can_fail():
     # property, and passes one that has both.
     levels = 5
     x = _images(7, (4, 4, 3), levels)[0]
-    _check_causal(_running_sum_log_prob(levels), x, levels, POSITIONS_3)
-    _check_normalised(_running_sum_log_prob(levels), x, levels, (2, 1, 1))
+    _assert_causal(_running_sum_log_prob(levels), x, levels, POSITIONS_3)
+    _assert_normalised(_running_sum_log_prob(levels), x, levels, (2, 1, 1))
     with pytest.raises(AssertionError):  # reads the sub-pixels after each one
-        _check_causal(_running_sum_log_prob(levels, future=True), x, levels, POSITIONS_3)
+        _assert_causal(_running_sum_log_prob(levels, future=True), x, levels, POSITIONS_3)
     with pytest.raises(AssertionError, match="ignores an earlier one"):
-        _check_causal(jax.jit(lambda x: jnp.full(x.shape, -np.log(levels))), x, levels,
+        _assert_causal(jax.jit(lambda x: jnp.full(x.shape, -np.log(levels))), x, levels,
                       POSITIONS_3)
     with pytest.raises(AssertionError):  # sums to e^0.1
-        _check_normalised(jax.jit(lambda x: jnp.full(x.shape, 0.1 - np.log(levels))), x,
+        _assert_normalised(jax.jit(lambda x: jnp.full(x.shape, 0.1 - np.log(levels))), x,
                           levels, (2, 1, 1))
 
 
@@ -122,20 +122,20 @@ def test_grayscale_conditional_is_causal_and_normalised_with_x_hat_fixed():
     x_hat = aux.grayscale_4bit(x[None])
     log_prob = jax.jit(lambda x: model.apply(variables, x, jnp.repeat(x_hat, B, 0),
                                              method="conditional_log_prob"))
-    _check_causal(log_prob, x, 256, POSITIONS_3)
+    _assert_causal(log_prob, x, 256, POSITIONS_3)
     for position in [(0, 0, 0), (2, 1, 1), (3, 3, 2)]:
-        _check_normalised(log_prob, x, 256, position)
+        _assert_normalised(log_prob, x, 256, position)
 
 
 def test_grayscale_prior_is_causal_and_normalised():
     model, variables = grayscale()
     x_hat = _images(1, (4, 4, 1), aux.GRAY_LEVELS)[0]
     log_prob = jax.jit(lambda x: model.apply(variables, x, method="aux_log_prob"))
-    _check_causal(log_prob, x_hat, aux.GRAY_LEVELS, [(i, j, 0) for i, j in
+    _assert_causal(log_prob, x_hat, aux.GRAY_LEVELS, [(i, j, 0) for i, j in
                                                      [(0, 0), (0, 3), (1, 1), (2, 0), (2, 2),
                                                       (3, 0), (3, 2), (3, 3)]])
     for position in [(0, 0, 0), (3, 1, 0)]:
-        _check_normalised(log_prob, x_hat, aux.GRAY_LEVELS, position)
+        _assert_normalised(log_prob, x_hat, aux.GRAY_LEVELS, position)
 
 
 def test_grayscale_is_4bit_luma():
@@ -211,13 +211,13 @@ def test_pyramid_conditional_is_causal_and_normalised_with_the_lower_scale_fixed
                                              method="conditional_log_prob"))
     positions = [(0, 0, 0), (0, 7, 2), (3, 4, 1), (4, 0, 0), (5, 5, 2), (7, 0, 1), (7, 7, 0),
                  (6, 2, 2)]
-    _check_causal(log_prob, x, 256, positions)
-    _check_normalised(log_prob, x, 256, (5, 3, 1))
+    _assert_causal(log_prob, x, 256, positions)
+    _assert_normalised(log_prob, x, 256, (5, 3, 1))
     # The coarsest scale is a plain PixelCNN++.
     base = jax.jit(lambda x: model.apply(variables, x, method="base_log_prob"))
     x0 = _images(6, (2, 2, 3), 256)[0]
-    _check_causal(base, x0, 256, [(i, j, c) for i in range(2) for j in range(2) for c in (0, 2)])
-    _check_normalised(base, x0, 256, (1, 1, 2))
+    _assert_causal(base, x0, 256, [(i, j, c) for i in range(2) for j in range(2) for c in (0, 2)])
+    _assert_normalised(base, x0, 256, (1, 1, 2))
 
 
 def test_a_few_training_steps_lower_the_loss():

@@ -147,20 +147,20 @@ def test_cluster_environment_and_bad_arguments(monkeypatch):
         distributed.initialize("slurm")
 
 
-def test_stop_request_is_seen_at_the_next_poll_and_a_second_signal_is_not_caught():
-    sharding = NamedSharding(jax.make_mesh((jax.device_count(),), ("data",)), P("data"))
-    # Python's own Ctrl-C handler before the stop request, as in a launcher: some
-    # pytest-xdist workers start with SIGINT ignored, and the request gives a second
-    # signal back to whatever was there before.
+@pytest.fixture
+def python_ctrl_c_handler():
+    """Python's own Ctrl-C handler while the test runs, as in a launcher run from a
+    terminal: some pytest-xdist workers start with SIGINT ignored, and a stop request
+    gives a second signal back to whatever was there before it."""
     outside = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, outside)
+
+
+def test_stop_request_is_seen_at_the_next_poll_and_a_second_signal_is_not_caught(
+        python_ctrl_c_handler):
+    sharding = NamedSharding(jax.make_mesh((jax.device_count(),), ("data",)), P("data"))
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        _stop_request_sequence(sharding, before)
-    finally:
-        signal.signal(signal.SIGINT, outside)
-
-
-def _stop_request_sequence(sharding, before):
     with distributed.StopRequest() as stop:
         assert not stop.poll(sharding) and not stop.now(sharding)
         assert not stop.poll(sharding)
