@@ -152,10 +152,34 @@ def test_conv2d_takes_the_compiled_kernels():
     # The forward pass (32 output channels) is ours where it measured faster.
     forward = jax.jit(lambda x, k: conv.conv2d(x, k, padding))
     assert ("pvae_conv" in forward.lower(x, k).compile().as_text()
-            ) == cpu_kernels.forward_enabled()
+            ) == cpu_kernels.forward_enabled(kernel_shape)
     np.testing.assert_allclose(forward(x, k), _lax_conv(x, k, padding), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(grad(k), _lax_kernel_gradient(x, dy, kernel_shape, padding),
                                rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("kernel_shape,strides,faster", [
+    ((3, 5, 8, 16), (1, 1), True),    # TapBlock: 16 outputs, 5 wide
+    ((1, 3, 8, 16), (1, 1), True),
+    ((1, 1, 8, 16), (1, 1), False),   # 16 outputs, 1 wide: XLA's
+    ((3, 3, 8, 16), (2, 2), False),   # 16 outputs, strided: XLA's
+    ((3, 3, 8, 32), (2, 2), True),
+    ((2, 2, 8, 24), (1, 1), False),
+])
+def test_forward_pass_is_compiled_for_the_shapes_where_it_was_faster(kernel_shape, strides,
+                                                                      faster):
+    x = jax.random.normal(jax.random.key(0), (2, 9, 11, 8))
+    k = jax.random.normal(jax.random.key(1), kernel_shape)
+    padding = ((1, 1), (1, 1))
+    forward = jax.jit(lambda x, k: conv.conv2d(x, k, padding, strides))
+    compiled = "pvae_conv" in forward.lower(x, k).compile().as_text()
+    assert cpu_kernels.forward_enabled(kernel_shape, strides) == (
+        faster and bool(cpu_kernels._library.PvaeWideBlocks()))
+    assert compiled == cpu_kernels.forward_enabled(kernel_shape, strides)
+    np.testing.assert_allclose(
+        forward(x, k), jax.lax.conv_general_dilated(x, k, strides, padding,
+                                                    dimension_numbers=("NHWC", "HWIO", "NHWC")),
+        rtol=1e-5, atol=1e-5)
 
 
 def test_suspended_traces_keep_xla_gradients():
@@ -167,7 +191,7 @@ def test_suspended_traces_keep_xla_gradients():
         return _linear_loss_grad(lambda x, k: conv.conv2d(x, k, padding), x, dy)
 
     with cpu_kernels.suspended():
-        assert not cpu_kernels.enabled() and not cpu_kernels.forward_enabled()
+        assert not cpu_kernels.enabled() and not cpu_kernels.forward_enabled(kernel_shape)
         xla = grad()
         hlo = xla.lower(k).compile().as_text()
         assert "pvae_kernel_gradient" not in hlo and "pvae_conv" not in hlo

@@ -125,25 +125,14 @@ def conv2d(x_BxHxWxC: jax.Array, kernel_HxWxIxO: jax.Array, padding: Padding,
     return _fast_forward(x_BxHxWxC, kernel_HxWxIxO, padding, strides)
 
 
-def _compiled_forward_is_faster(kernel_shape, strides) -> bool:
-    """Where the compiled forward pass measured faster than XLA's (2-core Xeon, 50
-    images of 28x28): output channels a multiple of 32, or of 16 for a kernel 3 or 5
-    wide at stride 1 (``TapBlock`` in ``cpu_kernels.cc``: the stacks' input gradients,
-    0.976x and 0.978x the gated_noup step's time in two runs of 40 and 60 alternated
-    rounds)."""
-    _, kw, _, F = kernel_shape
-    return F % 32 == 0 or (F % 16 == 0 and kw in (3, 5) and tuple(strides) == (1, 1))
-
-
 def _cpu_forward(x_BxHxWxC, kernel_HxWxIxO, *, padding, strides):
     """On the CPU: the compiled forward pass where it measured faster than XLA's
-    (``cpu_kernels.forward_enabled``, float32, ``_compiled_forward_is_faster``), else
-    XLA's. With the 32-channel outputs alone, a gated_noup train step took 0.95x the
-    time (2-core Xeon, medians of 30 alternated steps): the stacks' forward
-    convolutions, the heads' 1x1s and the vertical-to-horizontal 1x1's input gradient."""
+    (float32, ``cpu_kernels.forward_enabled`` for the kernel's shape), else XLA's.
+    With the 32-channel outputs alone, a gated_noup train step took 0.95x the time
+    (2-core Xeon, medians of 30 alternated steps): the stacks' forward convolutions,
+    the heads' 1x1s and the vertical-to-horizontal 1x1's input gradient."""
     if (x_BxHxWxC.dtype != jnp.float32
-            or not _compiled_forward_is_faster(kernel_HxWxIxO.shape, strides)
-            or not cpu_kernels.forward_enabled()):
+            or not cpu_kernels.forward_enabled(kernel_HxWxIxO.shape, strides)):
         return _forward(x_BxHxWxC, kernel_HxWxIxO, padding, strides)
     conv_padding, rest = _split_padding(padding, kernel_HxWxIxO.shape[:2], strides)
     y = cpu_kernels.conv(x_BxHxWxC, kernel_HxWxIxO, conv_padding,

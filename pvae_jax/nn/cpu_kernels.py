@@ -5,8 +5,7 @@ Two kernels, for an NHWC convolution of any stride: its kernel gradient
 pass on the 16- and 32-channel layers of the gated PixelCNNs (3.6x for a 3x5 kernel,
 16 -> 32 channels, on a 2-core Zen 3; see ``cpu_kernels.cc``), and its forward pass
 (``conv``), which ``nn/conv.py`` takes where it measured faster than XLA's
-(``forward_enabled``: AVX-512 builds; output channels a multiple of 32, or of 16 for
-kernels 3 or 5 wide).
+(``forward_enabled``: AVX-512 builds, for the kernel shapes where it was faster).
 
 The source is compiled by ``native.build`` (the machine's C++ compiler, against the XLA
 FFI headers of the installed jaxlib, cached in ``$PVAE_JAX_CACHE``) for this CPU
@@ -82,11 +81,17 @@ def enabled() -> bool:
     return not _suspended and registered()
 
 
-def forward_enabled() -> bool:
-    """Whether ``conv2d`` traced now takes the compiled forward pass (for float32 and
-    the shapes of ``conv._compiled_forward_is_faster``): ``enabled()`` on a CPU with
-    the AVX-512 blocks. The AVX2 blocks measured slower than XLA's."""
-    return enabled() and bool(_library.PvaeWideBlocks())
+def forward_enabled(kernel_shape, strides=(1, 1)) -> bool:
+    """Whether ``conv2d`` traced now takes the compiled forward pass for a float32
+    convolution with this HWIO kernel shape and these strides: ``enabled()`` on a CPU
+    with the AVX-512 blocks (the AVX2 ones measured slower than XLA's), for the shapes
+    where it measured faster than XLA's (2-core Xeon, 50 images of 28x28). Those are
+    output channels a multiple of 32, or of 16 for a kernel 3 or 5 wide at stride 1
+    (``TapBlock`` in ``cpu_kernels.cc``: the stacks' input gradients, 0.976x and 0.978x
+    the gated_noup step's time in two runs of 40 and 60 alternated rounds)."""
+    _, kw, _, F = kernel_shape
+    faster = F % 32 == 0 or (F % 16 == 0 and kw in (3, 5) and tuple(strides) == (1, 1))
+    return faster and enabled() and bool(_library.PvaeWideBlocks())
 
 
 @contextlib.contextmanager
