@@ -99,7 +99,7 @@ def test_strided_kernel_gradient_and_forward_equal_lax(x_shape, kernel_shape, pa
     np.testing.assert_allclose(got, _lax_conv(x, k, padding, strides), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("strides", [(0, 1), (1, -2), (2,)])
+@pytest.mark.parametrize("strides", [(0, 1), (1, -2), (2,), (1.5, 1)])
 def test_bad_strides_are_refused(strides):
     x, dy = _operands(*CASES[0])
     with pytest.raises(ValueError, match="strides"):

@@ -202,10 +202,9 @@ _partitioned_conv.def_partition(
 def _static(padding, strides):
     """Padding and strides as hashable ints, for the static arguments; ValueError for a
     stride below 1."""
-    strides = tuple(int(s) for s in strides)
-    if len(strides) != 2 or min(strides) < 1:
+    if len(strides) != 2 or any(int(t) != t or t < 1 for t in strides):
         raise ValueError(f"strides must be two ints of at least 1, got {strides!r}")
-    return tuple((int(lo), int(hi)) for lo, hi in padding), strides
+    return tuple((int(lo), int(hi)) for lo, hi in padding), tuple(int(t) for t in strides)
 
 
 def conv(x_BxHxWxC, kernel_HxWxIxO, padding, partitioned: bool = True,
