@@ -197,6 +197,27 @@ def test_gate_matches_tanh_times_sigmoid_for_either_sign_and_its_gradient():
         pc.gate(jnp.zeros((1, 2, 2, 5)))
 
 
+@pytest.mark.parametrize("bias_shape", [(6,), (2, 1, 1, 6), (2, 3, 4, 6), (1, 1, 6), ()])
+def test_add_bias_is_the_plain_add_forward_and_in_both_modes(bias_shape):
+    rng = np.random.default_rng(0)
+    y = jnp.asarray(rng.normal(size=(2, 3, 4, 6)), jnp.float32)
+    b = jnp.asarray(rng.normal(size=bias_shape), jnp.float32)
+    # Two biases on one output, as a gated layer has: they share the sum over pixels.
+    ours = lambda y, b: pc.add_bias(pc.add_bias(y, b), 2.0 * b) ** 2  # noqa: E731
+    plain = lambda y, b: (y + b + 2.0 * b) ** 2  # noqa: E731
+    np.testing.assert_allclose(jax.jit(ours)(y, b), plain(y, b), rtol=1e-6)
+    w = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
+    def grad(f):
+        return jax.jit(jax.grad(lambda y, b: (f(y, b) * w).sum(), argnums=(0, 1)))(y, b)
+
+    for got, want in zip(grad(ours), grad(plain), strict=True):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    tangents = (jnp.ones_like(y), jnp.ones_like(b))
+    np.testing.assert_allclose(jax.jvp(ours, (y, b), tangents)[1],
+                               jax.jvp(plain, (y, b), tangents)[1], rtol=1e-5, atol=1e-5)
+
+
 _SHAPE_CASES = [
     (pc.MaskedConv(9, 3, "A", num_groups=3), (), 9),
     (pc.MaskedConv(4, 5, "B", stack="horizontal", gated=True, weight_norm=True), (), 8),

@@ -45,6 +45,27 @@ def gate(x_BxHxWx2F: jax.Array) -> jax.Array:
     return t_BxHxWx2F[..., :features] * (0.5 + 0.5 * t_BxHxWx2F[..., features:])
 
 
+def add_bias(y_BxHxWxF: jax.Array, bias) -> jax.Array:
+    """``y + bias``; a bias of shape ``[F]`` or ``[B, 1, 1, F]`` gets its cotangent from
+    the sum of y's over the pixels, which every such bias on the same y shares.
+
+    An ``[F]`` bias's cotangent is the sum of y's over B, H and W, a per-image one's over
+    H and W. With plain adds XLA's simplifier turns the sum over B of the per-image sum
+    into one more sum over B, H and W: a second pass over the 2F-channel cotangent of
+    every gated layer (the z bias of "without upsampling" PixelVAEs beside the layer's
+    own). Here the bias is added as ``[B, F]`` behind an optimisation barrier, whose
+    transpose puts the per-image sum behind one too, so the layer's biases all come from
+    it; on gated_noup, 57 sums over a [50, 28, 28, 32] cotangent per step became 29, and
+    a train step took 0.984x the time (2-core Xeon, 40 alternated rounds).
+    """
+    bias = jnp.asarray(bias)
+    B, F = y_BxHxWxF.shape[0], y_BxHxWxF.shape[-1]
+    if y_BxHxWxF.ndim != 4 or bias.shape not in ((F,), (B, 1, 1, F)):
+        return y_BxHxWxF + bias
+    bias_BxF = jax.lax.optimization_barrier(jnp.broadcast_to(bias.reshape(-1, F), (B, F)))
+    return y_BxHxWxF + bias_BxF[:, None, None, :]
+
+
 def layer_mask(
     stack: str,
     kernel_size: int | tuple[int, int],
@@ -108,7 +129,7 @@ class MaskedConv(nn.Module):
             params["bias"] = self.param("bias", nn.initializers.zeros, mask.shape[-1:])
         kernel, padding, bias = masked_conv_kernel(self, params, in_channels)
         y = conv2d(x_BxHxWxC, kernel.astype(x_BxHxWxC.dtype), padding)
-        return y if bias is None else y + bias
+        return y if bias is None else add_bias(y, bias)
 
 
 def cropped_mask(conv: MaskedConv, in_channels: int):
@@ -203,7 +224,7 @@ class RowAboveDense(nn.Module):
                             (x_BxHxWxC.shape[-1], self.features))
         bias = self.param("bias", nn.initializers.zeros, (self.features,))
         y = conv2d(x_BxHxWxC, kernel.astype(x_BxHxWxC.dtype)[None, None], ((1, -1), (0, 0)))
-        return y + bias.astype(x_BxHxWxC.dtype)
+        return add_bias(y, bias.astype(x_BxHxWxC.dtype))
 
 
 class GatedStackLayer(nn.Module):
@@ -241,12 +262,14 @@ class GatedStackLayer(nn.Module):
                     num_groups=self.num_groups, weight_norm=self.weight_norm)
         cond = dict(features=2 * self.features, map_kernel_size=self.cond_map_kernel_size)
         v_pre = MaskedConv(stack="vertical", name="vertical", **conv)(v_BxHxWxC)
-        v_pre = v_pre + Conditioning(name="cond_v", **cond)(cond_vector_BxD, cond_map_BxHxWxD)
+        c_v = Conditioning(name="cond_v", **cond)(cond_vector_BxD, cond_map_BxHxWxD)
+        v_pre = add_bias(v_pre, c_v)
         h_pre = MaskedConv(stack="horizontal", mask_type=self.mask_type, name="horizontal",
                            **conv)(h_BxHxWxC)
         # Any horizontal channel may read the rows above, whatever its colour group.
         h_pre = h_pre + RowAboveDense(2 * self.features, name="v_to_h")(v_pre)
-        h_pre = h_pre + Conditioning(name="cond_h", **cond)(cond_vector_BxD, cond_map_BxHxWxD)
+        c_h = Conditioning(name="cond_h", **cond)(cond_vector_BxD, cond_map_BxHxWxD)
+        h_pre = add_bias(h_pre, c_h)
         h_out = MaskedConv(self.features, 1, "B", num_groups=self.num_groups,
                            weight_norm=self.weight_norm, name="h_out")(gate(h_pre))
         if self.residual:
@@ -305,8 +328,8 @@ class GatedConv1x1(nn.Module):
     def __call__(self, h_BxHxWxC, cond_vector_BxD=None, cond_map_BxHxWxD=None):
         h_pre = MaskedConv(self.features, 1, "B", num_groups=self.num_groups, gated=True,
                            weight_norm=self.weight_norm, name="conv")(h_BxHxWxC)
-        h_pre = h_pre + Conditioning(2 * self.features, name="cond")(
-            cond_vector_BxD, cond_map_BxHxWxD)
+        h_pre = add_bias(h_pre, Conditioning(2 * self.features, name="cond")(
+            cond_vector_BxD, cond_map_BxHxWxD))
         return gate(h_pre)
 
 
@@ -370,7 +393,7 @@ class MaskedReLUStack(nn.Module):
             h = MaskedConv(self.features, k, "A" if i == 0 else "B",
                            num_groups=self.num_groups, weight_norm=self.weight_norm,
                            name=f"conv_{i}")(h)
-            h = h + Conditioning(self.features, self.cond_map_kernel_size, name=f"cond_{i}")(
-                cond_vector_BxD, cond_map_BxHxWxD)
+            h = add_bias(h, Conditioning(self.features, self.cond_map_kernel_size,
+                                         name=f"cond_{i}")(cond_vector_BxD, cond_map_BxHxWxD))
             h = nn.relu(h)
         return h
