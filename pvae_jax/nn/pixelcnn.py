@@ -46,8 +46,8 @@ def gate(x_BxHxWx2F: jax.Array) -> jax.Array:
 
 
 def add_bias(y_BxHxWxF: jax.Array, bias) -> jax.Array:
-    """``y + bias``; a bias of shape ``[F]`` or ``[B, 1, 1, F]`` gets its cotangent from
-    the sum of y's over the pixels, which every such bias on the same y shares.
+    """``y + bias``, where a bias of shape ``[F]`` or ``[B, 1, 1, F]`` takes its cotangent
+    from one sum of y's cotangent over the pixels, which every such bias on y shares.
 
     An ``[F]`` bias's cotangent is the sum of y's over B, H and W, a per-image one's over
     H and W. With plain adds XLA's simplifier turns the sum over B of the per-image sum
