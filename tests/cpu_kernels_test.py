@@ -2,6 +2,7 @@
 in a fixed order, and the fallback when they cannot be built."""
 
 import ctypes
+import functools
 import platform
 
 import jax
@@ -242,11 +243,20 @@ def test_a_sharded_batch_is_summed_per_device_then_all_reduced():
                                rtol=1e-5, atol=1e-4)
 
 
-def test_a_large_batch_is_split_into_chunks_and_summed_in_a_fixed_order():
-    # 40 images of 28 rows: 1120 output rows, enough for one chunk per pool thread.
+@pytest.mark.parametrize("max_chunks", [1, 2, 4])
+def test_a_large_batch_is_split_into_chunks_and_summed_in_a_fixed_order(monkeypatch,
+                                                                        max_chunks):
+    # 40 images of 28 rows: 1120 output rows, enough for one chunk per pool thread. The
+    # tests' two virtual devices on a 2-core machine have one core each, so one chunk
+    # unless a device is said to have more cores.
+    monkeypatch.setattr(cpu_kernels, "max_chunks", lambda: max_chunks)
     x_shape, kernel_shape, padding = (40, 28, 28, 16), (3, 5, 16, 32), ((2, 0), (2, 2))
     x, dy = _operands(x_shape, kernel_shape, padding, seed=3)
-    fn = jax.jit(cpu_kernels.kernel_gradient, static_argnums=(2, 3))
+    # Unpartitioned, so that the attribute is in the traced call (and its cache key).
+    fn = jax.jit(functools.partial(cpu_kernels.kernel_gradient, partitioned=False),
+                 static_argnums=(2, 3))
+    hlo = fn.lower(x, dy, kernel_shape, padding).compile().as_text()
+    assert f"max_chunks = {max_chunks} : i64" in hlo
     first = np.asarray(fn(x, dy, kernel_shape, padding))
     for _ in range(3):
         np.testing.assert_array_equal(fn(x, dy, kernel_shape, padding), first)

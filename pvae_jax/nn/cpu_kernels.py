@@ -115,10 +115,21 @@ def _float32_like(t, shape):
                        sharding=NamedSharding(aval.sharding.mesh, PartitionSpec()))
 
 
+def max_chunks() -> int:
+    """The most chunks a kernel call splits its rows into: the cores each CPU device has
+    to itself (at least 1). With one virtual device per core
+    (``runtime.use_cpu_cores_as_devices``) each call runs on its device's thread alone;
+    splitting it over the pool's threads too, which the other device's calls also use,
+    made a gated_noup train step take 1/0.916 and 1/0.939 the time (2-core Xeon, 40
+    alternated rounds each) and more CPU time."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) // len(jax.local_devices(backend="cpu")))
+
+
 def _attributes(padding, strides) -> dict:
     (top, _), (left, _) = padding
     return dict(top=np.int64(top), left=np.int64(left), stride_rows=np.int64(strides[0]),
-                stride_cols=np.int64(strides[1]))
+                stride_cols=np.int64(strides[1]), max_chunks=np.int64(max_chunks()))
 
 
 def _ffi_kernel_gradient(x_BxHxWxC, dy_BxHoxWoxF, kernel_shape, padding, strides):
