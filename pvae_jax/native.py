@@ -24,6 +24,16 @@ import jaxlib
 CACHE_VAR = "PVAE_JAX_CACHE"
 
 
+def cpu_cores() -> int:
+    """The CPUs this process may run on (its affinity where the OS reports one), at least
+    1: what ``runtime.use_cpu_cores_as_devices`` splits into devices and the compiled
+    kernels divide among them."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def compiler() -> str | None:
     """The C++ compiler to build with, or None where there is none."""
     return shutil.which(os.environ.get("CXX", "c++"))

@@ -243,6 +243,14 @@ def test_a_sharded_batch_is_summed_per_device_then_all_reduced():
                                rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("cores, want", [(1, 1), (2, 1), (3, 1), (8, 4)])
+def test_a_call_takes_at_most_the_cores_of_its_device(monkeypatch, cores, want):
+    # The tests run on two virtual CPU devices (conftest).
+    assert len(jax.local_devices(backend="cpu")) == 2
+    monkeypatch.setattr(native, "cpu_cores", lambda: cores)
+    assert cpu_kernels.max_chunks() == want
+
+
 @pytest.mark.parametrize("max_chunks", [1, 2, 4])
 def test_a_large_batch_is_split_into_chunks_and_summed_in_a_fixed_order(monkeypatch,
                                                                         max_chunks):

@@ -33,3 +33,17 @@ def test_the_cache_directory_follows_the_environment(monkeypatch, tmp_path):
     assert native.cache_dir() == tmp_path
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     assert native.compiler() is None
+
+
+def test_cpu_cores_are_the_affinity_else_the_count_and_at_least_one(monkeypatch):
+    monkeypatch.setattr(native.os, "sched_getaffinity", lambda pid: {0, 2, 5}, raising=False)
+    assert native.cpu_cores() == 3
+
+    def unsupported(pid):
+        raise OSError("no affinity here")
+
+    monkeypatch.setattr(native.os, "sched_getaffinity", unsupported, raising=False)
+    monkeypatch.setattr(native.os, "cpu_count", lambda: 6)
+    assert native.cpu_cores() == 6
+    monkeypatch.setattr(native.os, "cpu_count", lambda: None)
+    assert native.cpu_cores() == 1

@@ -207,6 +207,7 @@ def test_add_bias_is_the_plain_add_forward_and_in_both_modes(bias_shape):
     plain = lambda y, b: (y + b + 2.0 * b) ** 2  # noqa: E731
     np.testing.assert_allclose(jax.jit(ours)(y, b), plain(y, b), rtol=1e-6)
     w = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
+
     def grad(f):
         return jax.jit(jax.grad(lambda y, b: (f(y, b) * w).sum(), argnums=(0, 1)))(y, b)
 

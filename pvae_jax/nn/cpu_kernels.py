@@ -122,8 +122,7 @@ def max_chunks() -> int:
     splitting it over the pool's threads too, which the other device's calls also use,
     made a gated_noup train step take 1/0.916 and 1/0.939 the time (2-core Xeon, 40
     alternated rounds each) and more CPU time."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, (cores or 1) // len(jax.local_devices(backend="cpu")))
+    return max(1, native.cpu_cores() // len(jax.local_devices(backend="cpu")))
 
 
 def _attributes(padding, strides) -> dict:
