@@ -138,6 +138,101 @@ def test_the_avx2_blocks_equal_lax_on_any_x86_cpu(monkeypatch, tmp_path):
         np.testing.assert_allclose(got, _lax_conv(x, k, padding, strides), rtol=1e-5, atol=1e-5)
 
 
+# Winograd's F(4, 5) (conv(winograd=True)): whole tiles (Wo = 8), tiles then columns by
+# the direct sums (Wo = 31, 11, 13), 7 tiles then 7 then 2 (Wo = 64), F = 32 + 16, C = 48,
+# one kernel row cropped at the top, and the vertical stack's input gradient (32 -> 16).
+WINOGRAD_CASES = [
+    ((3, 9, 8, 16), (3, 5, 16, 32), ((2, 0), (2, 2))),  # vertical stack
+    ((2, 4, 31, 32), (3, 5, 32, 16), ((0, 2), (2, 2))),  # its input gradient
+    ((2, 5, 11, 16), (3, 5, 16, 48), ((2, 0), (2, 2))),
+    ((2, 3, 64, 48), (2, 5, 48, 32), ((1, 0), (2, 2))),
+    ((2, 6, 13, 16), (3, 5, 16, 16), ((-1, 2), (0, 0))),
+]
+
+
+def _float64_conv(x, k, padding):
+    """The convolution in float64, and the sum of its terms' magnitudes, per output."""
+    x, k = np.asarray(x, np.float64), np.asarray(k, np.float64)
+    x_pad = np.pad(x, [(0, 0), *((max(lo, 0), max(hi, 0)) for lo, hi in padding), (0, 0)])
+    (top, bottom), (left, right) = padding
+    x_pad = x_pad[:, max(-top, 0): x_pad.shape[1] - max(-bottom, 0),
+                  max(-left, 0): x_pad.shape[2] - max(-right, 0)]
+    kh, kw = k.shape[:2]
+    Ho, Wo = x_pad.shape[1] - kh + 1, x_pad.shape[2] - kw + 1
+    y = np.zeros((x.shape[0], Ho, Wo, k.shape[3]))
+    magnitude = np.zeros_like(y)
+    for a in range(kh):
+        for b in range(kw):
+            window = x_pad[:, a: a + Ho, b: b + Wo]
+            y += window @ k[a, b]
+            magnitude += np.abs(window) @ np.abs(k[a, b])
+    return y, magnitude
+
+
+@pytest.mark.parametrize("x_shape, kernel_shape, padding", WINOGRAD_CASES)
+def test_winograd_is_within_its_rounding_bound_in_its_tiles_and_direct_after(
+        x_shape, kernel_shape, padding):
+    x, _ = _operands(x_shape, kernel_shape, padding)
+    k = jax.random.normal(jax.random.key(1), kernel_shape)
+    conv_fn = jax.jit(cpu_kernels.conv, static_argnums=(2, 3, 4, 5))
+    direct = np.asarray(conv_fn(x, k, padding, True, (1, 1), False))
+    got = np.asarray(conv_fn(x, k, padding, True, (1, 1), True))
+    if not cpu_kernels._library.PvaeWideBlocks():  # AVX2 builds have no Winograd
+        np.testing.assert_array_equal(got, direct)
+        return
+    tiled = direct.shape[2] // 4 * 4
+    # Past the last whole tile of 4 columns, the direct sums, to the bit.
+    np.testing.assert_array_equal(got[:, :, tiled:], direct[:, :, tiled:])
+    # In the tiles, Winograd's own rounding (so it ran), within 8 float32 epsilons of
+    # the sum of the terms' magnitudes (measured: at most 5.0; the direct sums 2.2).
+    assert not np.array_equal(got[:, :, :tiled], direct[:, :, :tiled])
+    want, magnitude = _float64_conv(x, k, padding)
+    bound = 8 * np.finfo(np.float32).eps * magnitude
+    assert np.all(np.abs(got - want) <= bound), np.max(np.abs(got - want) / magnitude)
+
+
+@pytest.mark.parametrize("x_shape, kernel_shape, padding, strides", [
+    ((2, 6, 12, 16), (3, 3, 16, 32), ((1, 1), (1, 1)), (1, 1)),  # 3 wide
+    ((2, 6, 12, 8), (3, 5, 8, 32), ((1, 1), (2, 2)), (1, 1)),  # 8 input channels
+    ((2, 6, 12, 16), (3, 5, 16, 24), ((1, 1), (2, 2)), (1, 1)),  # 24 output channels
+    ((2, 8, 12, 16), (3, 5, 16, 32), ((1, 1), (2, 2)), (2, 2)),  # strided
+    ((2, 6, 7, 16), (3, 5, 16, 32), ((1, 1), (0, 0)), (1, 1)),  # 3 columns, no tile
+])
+def test_winograd_leaves_the_other_convolutions_to_the_direct_sums(x_shape, kernel_shape,
+                                                                  padding, strides):
+    x, _ = _operands(x_shape, kernel_shape, padding, strides=strides)
+    k = jax.random.normal(jax.random.key(1), kernel_shape)
+    conv_fn = jax.jit(cpu_kernels.conv, static_argnums=(2, 3, 4, 5))
+    np.testing.assert_array_equal(conv_fn(x, k, padding, True, strides, True),
+                                  conv_fn(x, k, padding, True, strides, False))
+
+
+def test_conv2d_winograd_is_its_forward_pass_and_input_gradient():
+    x_shape, kernel_shape, padding = WINOGRAD_CASES[0]
+    x, dy = _operands(x_shape, kernel_shape, padding)
+    k = jax.random.normal(jax.random.key(1), kernel_shape)
+
+    def forward_and_input_gradient(winograd):
+        f = lambda x: conv.conv2d(x, k, padding, winograd=winograd)  # noqa: E731
+        return jax.jit(lambda x: jax.vjp(f, x)[0:1] + (jax.vjp(f, x)[1](dy)[0],))
+
+    fn = forward_and_input_gradient(True)
+    hlo = fn.lower(x).compile().as_text()
+    wide = bool(cpu_kernels._library.PvaeWideBlocks())
+    assert hlo.count("winograd = 1") == (2 if wide else 0)
+    y, dx = fn(x)
+    want_y, magnitude_y = _float64_conv(x, k, padding)
+    # The input gradient: the convolution of dy with the flipped kernel, channels swapped.
+    kernel_t = np.flip(np.asarray(k), (0, 1)).swapaxes(2, 3)
+    want_dx, magnitude_dx = _float64_conv(dy, kernel_t, ((0, 2), (2, 2)))
+    eps = np.finfo(np.float32).eps
+    assert np.all(np.abs(y - want_y) <= 8 * eps * magnitude_y)
+    assert np.all(np.abs(dx - want_dx) <= 8 * eps * magnitude_dx)
+    if wide:  # by Winograd: not the direct sums' rounding
+        y_direct, dx_direct = forward_and_input_gradient(False)(x)
+        assert not np.array_equal(y, y_direct) and not np.array_equal(dx, dx_direct)
+
+
 def _linear_loss_grad(conv_fn, x, dy):
     # Linear in the output, so the kernel gradient does not depend on how the forward
     # pass rounded (which differs where conv2d takes the compiled forward pass too).

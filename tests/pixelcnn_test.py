@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pvae_jax.nn import masks
+from pvae_jax.nn import cpu_kernels, masks
 from pvae_jax.nn import pixelcnn as pc
 
 
@@ -65,6 +65,41 @@ def test_gated_stack_receptive_field_is_exact(num_layers, kernel, C, groups):
     got = _dependency(_Head(trunk, C, groups), x)
     want = _gated_receptive_field(H, W, C, [kernel] * num_layers, groups)
     np.testing.assert_array_equal(got, want)
+
+
+def test_gated_stack_is_causal_where_its_vertical_stack_takes_winograd():
+    """With 16 channels and 5-wide kernels the vertical stack's forward convolutions and
+    input gradients take Winograd's F(4, 5) (AVX-512 builds), which mixes the columns
+    of the rows they read at the rounding level. Nothing at or after a sub-pixel may
+    still move its output, to the bit, by perturbation (the forward pass) or by
+    gradient (reverse mode); the field is the exact one's plus, at most, rows above."""
+    H, W = 4, 16  # wider than the field (half-width 7), so the mixing can show
+    trunk = pc.GatedPixelCNNStack(features=16, first_kernel_size=7, kernel_size=5,
+                                  num_blocks=2)
+    model = _Head(trunk, 1, 1)
+    x = jax.random.uniform(jax.random.key(1), (1, H, W, 1))
+    variables = model.init(jax.random.key(0), x)
+    f = lambda x: model.apply(variables, x)[0, :, :, 0]  # noqa: E731
+    grad = jax.jit(jax.grad(lambda x, i, j: f(x)[i, j]))
+    winograd = cpu_kernels.registered() and bool(cpu_kernels._library.PvaeWideBlocks())
+    if winograd:
+        # the two gated layers' vertical stacks, forward and input gradient
+        assert grad.lower(x, 0, 0).compile().as_text().count("winograd = 1") >= 4
+    order = _order(H, W, 1)[..., 0]
+    want = _gated_receptive_field(H, W, 1, [7, 5, 5], 1)[:, :, 0, :, :, 0]
+    forward = jax.jit(f)
+    y = np.asarray(forward(x))
+    beyond = 0  # rounding-level reads outside the exact field, in the rows above
+    for i in range(H):
+        for j in range(W):
+            moved = np.asarray(forward(x.at[0, i, j, 0].add(0.5)))
+            np.testing.assert_array_equal(moved[order <= order[i, j]], y[order <= order[i, j]])
+            reads = np.asarray(grad(x, i, j))[0, :, :, 0] != 0
+            assert not reads[order >= order[i, j]].any()
+            assert reads[want[i, j]].all()
+            assert not (reads & ~want[i, j])[i:].any()
+            beyond += (reads & ~want[i, j]).sum()
+    assert (beyond > 0) == winograd  # so the test saw Winograd's mixing
 
 
 def test_gated_residual_blocks_with_two_convs_keep_the_field():

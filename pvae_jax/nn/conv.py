@@ -92,7 +92,7 @@ def _forward(x_BxHxWxC, kernel_HxWxIxO, padding: Padding, strides=(1, 1)):
 
 
 def conv2d(x_BxHxWxC: jax.Array, kernel_HxWxIxO: jax.Array, padding: Padding,
-           strides: tuple[int, int] = (1, 1)) -> jax.Array:
+           strides: tuple[int, int] = (1, 1), *, winograd: bool = False) -> jax.Array:
     """``lax.conv_general_dilated(x, kernel, strides, padding)`` in NHWC/HWIO/NHWC.
 
     Forward and reverse mode both work (``jax.jvp``, ``jax.jacfwd``, ``jax.grad``).
@@ -104,6 +104,14 @@ def conv2d(x_BxHxWxC: jax.Array, kernel_HxWxIxO: jax.Array, padding: Padding,
         with stride 1 a negative one crops the input, as in lax; a strided convolution
         takes none below 0).
       strides: over rows and columns, each at least 1.
+      winograd: let the compiled forward pass compute this convolution, and its input
+        gradient, by Winograd's F(4, 5) along the rows where it can (kernels 5 wide,
+        stride 1, channels multiples of 16, AVX-512; ``cpu_kernels.cc``): 0.6-0.65x
+        the time of the direct sums, about 4 times their rounding error, and an output
+        may move by a rounding error when a column of its rows beyond its kernel's
+        reach does. So only for convolutions whose outputs may depend on every column
+        of the rows they read, such as a Gated PixelCNN's vertical stack; never for a
+        mask within a row.
     """
     if len(padding) != 2 or any(len(pair) != 2 or any(int(p) != p for p in pair)
                                 for pair in padding):
@@ -122,10 +130,10 @@ def conv2d(x_BxHxWxC: jax.Array, kernel_HxWxIxO: jax.Array, padding: Padding,
         raise ValueError(f"padding {padding!r} leaves an output of size {out_hw} for an "
                          f"input of {x_BxHxWxC.shape[1:3]} and a kernel of "
                          f"{kernel_HxWxIxO.shape[:2]}")
-    return _fast_forward(x_BxHxWxC, kernel_HxWxIxO, padding, strides)
+    return _fast_forward(x_BxHxWxC, kernel_HxWxIxO, padding, strides, bool(winograd))
 
 
-def _cpu_forward(x_BxHxWxC, kernel_HxWxIxO, *, padding, strides):
+def _cpu_forward(x_BxHxWxC, kernel_HxWxIxO, *, padding, strides, winograd):
     """On the CPU: the compiled forward pass where it measured faster than XLA's
     (float32, ``cpu_kernels.forward_enabled`` for the kernel's shape), else XLA's.
     With the 32-channel outputs alone, a gated_noup train step took 0.95x the time
@@ -136,16 +144,18 @@ def _cpu_forward(x_BxHxWxC, kernel_HxWxIxO, *, padding, strides):
         return _forward(x_BxHxWxC, kernel_HxWxIxO, padding, strides)
     conv_padding, rest = _split_padding(padding, kernel_HxWxIxO.shape[:2], strides)
     y = cpu_kernels.conv(x_BxHxWxC, kernel_HxWxIxO, conv_padding,
-                         partitioned=not _varying(x_BxHxWxC), strides=strides)
+                         partitioned=not _varying(x_BxHxWxC), strides=strides,
+                         winograd=winograd)
     return _pad_hw(y, rest)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
-def _fast_forward(x_BxHxWxC, kernel_HxWxIxO, padding, strides):
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4))
+def _fast_forward(x_BxHxWxC, kernel_HxWxIxO, padding, strides, winograd):
     """``_forward``, by the compiled kernel when this runs on the CPU (``conv2d`` once
     its arguments are checked). Its tangent goes through ``_conv_in_kernel_p``, so its
     kernel gradient is ours; under vmap it is ``_forward`` batched."""
-    return _by_platform(functools.partial(_cpu_forward, padding=padding, strides=strides),
+    return _by_platform(functools.partial(_cpu_forward, padding=padding, strides=strides,
+                                          winograd=winograd),
                         functools.partial(_forward, padding=padding, strides=strides),
                         x_BxHxWxC, kernel_HxWxIxO)
 
@@ -165,23 +175,22 @@ def _by_platform(cpu, default, a, b):
     return call(a, b)
 
 
-def _fast_forward_jvp(padding, strides, primals, tangents):
+def _fast_forward_jvp(padding, strides, winograd, primals, tangents):
     # The tangent is linear in (dx, dk); reverse mode transposes it.
     x, kernel = primals
     dx, dkernel = tangents
-    y = _fast_forward(x, kernel, padding, strides)
+    y = _fast_forward(x, kernel, padding, strides, winograd)
+    params = dict(padding=padding, strides=strides, winograd=winograd)
     dy = jnp.zeros_like(y)
     # Under shard_map, x (a batch shard) and a replicated kernel (or their tangents)
     # vary over different mesh axes; the primitive needs both typed alike, as lax's own
     # rules do implicitly (reverse mode then sums the kernel's cotangent over them).
     if not isinstance(dx, SymbolicZero):
         vma = _varying(dx) | _varying(kernel)
-        dy = dy + _conv_in_kernel_p.bind(_vary(dx, vma), _vary(kernel, vma), padding=padding,
-                                         strides=strides)
+        dy = dy + _conv_in_kernel_p.bind(_vary(dx, vma), _vary(kernel, vma), **params)
     if not isinstance(dkernel, SymbolicZero):
         vma = _varying(x) | _varying(dkernel)
-        dy = dy + _conv_in_kernel_p.bind(_vary(x, vma), _vary(dkernel, vma), padding=padding,
-                                         strides=strides)
+        dy = dy + _conv_in_kernel_p.bind(_vary(x, vma), _vary(dkernel, vma), **params)
     return y, dy
 
 
@@ -196,7 +205,9 @@ _fast_forward.defjvp(_fast_forward_jvp, symbolic_zeros=True)
 # _fast_kernel_gradient, which takes the compiled kernel on the CPU.
 
 
-def _conv_in_kernel(x_BxHxWxC, dkernel_HxWxIxO, *, padding, strides):
+def _conv_in_kernel(x_BxHxWxC, dkernel_HxWxIxO, *, padding, strides, winograd):
+    # ``winograd`` is for the transpose in x (the input gradient, ``_input_cotangent``).
+    del winograd
     return _forward(x_BxHxWxC, dkernel_HxWxIxO, padding, strides)
 
 
@@ -247,7 +258,7 @@ def _abstract_like(aval, like, shape):
     return like.update(shape=tuple(shape), dtype=aval.dtype, weak_type=False)
 
 
-def _conv_in_kernel_abstract(x, dkernel, *, padding, strides):
+def _conv_in_kernel_abstract(x, dkernel, *, padding, strides, winograd):
     y = jax.eval_shape(functools.partial(_forward, padding=padding, strides=strides),
                        jax.ShapeDtypeStruct(x.shape, x.dtype),
                        jax.ShapeDtypeStruct(dkernel.shape, dkernel.dtype))
@@ -258,11 +269,12 @@ def _kernel_gradient_abstract(x, dy, *, kernel_shape, padding, strides):
     return _abstract_like(dy, dy, kernel_shape)
 
 
-def _input_cotangent(ct_BxHoxWoxO, kernel_HxWxIxO, padding, strides, x_shape):
+def _input_cotangent(ct_BxHoxWoxO, kernel_HxWxIxO, padding, strides, x_shape,
+                     winograd=False):
     """The transpose of ``_forward`` in x (of ``x_shape``): the convolution with the
     flipped kernel, in and out channels swapped, padded by kernel size - 1 minus
     ``_forward``'s, by ``_fast_forward`` (with strides, lax's transpose, which dilates
-    ``ct``)."""
+    ``ct``), by Winograd's F(4, 5) too where ``conv2d(winograd=True)`` asked for it."""
     if strides != (1, 1):
         (dx,) = jax.linear_transpose(lambda x: _forward(x, kernel_HxWxIxO, padding, strides),
                                      jax.ShapeDtypeStruct(x_shape, ct_BxHoxWoxO.dtype))(
@@ -275,11 +287,12 @@ def _input_cotangent(ct_BxHoxWoxO, kernel_HxWxIxO, padding, strides, x_shape):
     if kernel_hw == (1, 1):
         # Pointwise, so the pad's transpose commutes with it: the product reads ct
         # itself, and the opposite pad fuses into whatever reads dx.
-        return _pad_hw(_fast_forward(ct_BxHoxWoxO, kernel_t, ((0, 0), (0, 0)), (1, 1)),
+        return _pad_hw(_fast_forward(ct_BxHoxWoxO, kernel_t, ((0, 0), (0, 0)), (1, 1), False),
                        negated(rest))
     transposed = tuple((k - 1 - lo, k - 1 - hi)
                        for (lo, hi), k in zip(conv_padding, kernel_hw, strict=True))
-    return _fast_forward(_pad_hw(ct_BxHoxWoxO, negated(rest)), kernel_t, transposed, (1, 1))
+    return _fast_forward(_pad_hw(ct_BxHoxWoxO, negated(rest)), kernel_t, transposed, (1, 1),
+                         winograd)
 
 
 def _vmapped(fn):
@@ -311,10 +324,10 @@ for _p, _fn, _abstract in ((_conv_in_kernel_p, _conv_in_kernel, _conv_in_kernel_
 # conv(x, k): d/dx^T = the input gradient, d/dk^T = the kernel gradient.
 ad.defbilinear(
     _conv_in_kernel_p,
-    lambda ct, x, k, *, padding, strides: _input_cotangent(ct, k, padding, strides,
-                                                           x.aval.shape),
-    lambda ct, x, k, *, padding, strides: _fast_kernel_gradient(x, ct, tuple(k.aval.shape),
-                                                                padding, strides))
+    lambda ct, x, k, *, padding, strides, winograd: _input_cotangent(
+        ct, k, padding, strides, x.aval.shape, winograd),
+    lambda ct, x, k, *, padding, strides, winograd: _fast_kernel_gradient(
+        x, ct, tuple(k.aval.shape), padding, strides))
 # kernel_gradient(x, dy) = dk: d/dx^T at dk's cotangent c = the input gradient of
 # conv(., c) at dy; d/ddy^T = conv(x, c).
 ad.defbilinear(
@@ -322,7 +335,7 @@ ad.defbilinear(
     lambda ct, x, dy, *, kernel_shape, padding, strides: _input_cotangent(
         dy, ct, padding, strides, x.aval.shape),
     lambda ct, x, dy, *, kernel_shape, padding, strides: _conv_in_kernel_p.bind(
-        x, ct, padding=padding, strides=strides))
+        x, ct, padding=padding, strides=strides, winograd=False))
 
 
 def _varying(t) -> frozenset:

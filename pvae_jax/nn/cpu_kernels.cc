@@ -274,12 +274,11 @@ inline void ConvBlock(const float* const* x_rows, const float* const* k_rows, in
     for (int v = 0; v < NV; ++v) Store<V>(y_row + (j0 + r) * s.F + n + L * v, acc[r][v]);
 }
 
-// Columns n .. n + NV lanes of every pixel of the row: R at a time, then R / 2 (if R
-// is even), 4, 2 and 1.
+// Columns n .. n + NV lanes of the row's pixels from j on: R at a time, then R / 2 (if
+// R is even), 4, 2 and 1.
 template <typename V, int R, int NV>
 inline void ConvPixels(const float* const* x_rows, const float* const* k_rows, int num_rows,
-                       float* y_row, int64_t n, const Shape& s) {
-  int64_t j = 0;
+                       float* y_row, int64_t n, const Shape& s, int64_t j) {
   for (; j + R <= s.Wo; j += R) ConvBlock<V, R, NV>(x_rows, k_rows, num_rows, y_row, j, n, s);
   if constexpr (R % 2 == 0 && R / 2 > 4)
     for (; j + R / 2 <= s.Wo; j += R / 2)
@@ -324,8 +323,7 @@ inline void TapBlock(const float* const* x_rows, const float* const* k_rows, int
 
 template <int KW>
 inline void TapPixels(const float* const* x_rows, const float* const* k_rows, int num_rows,
-                      float* y_row, int64_t n, const Shape& s) {
-  int64_t j = 0;
+                      float* y_row, int64_t n, const Shape& s, int64_t j) {
   for (; j + 14 <= s.Wo; j += 14) TapBlock<14, KW>(x_rows, k_rows, num_rows, y_row, j, n, s);
   for (; j + 8 <= s.Wo; j += 8) TapBlock<8, KW>(x_rows, k_rows, num_rows, y_row, j, n, s);
   for (; j + 4 <= s.Wo; j += 4) TapBlock<4, KW>(x_rows, k_rows, num_rows, y_row, j, n, s);
@@ -338,12 +336,175 @@ constexpr int kPixelBlock = 12;  // 24 of the 32 vector registers accumulate
 constexpr int kPixelBlock = 6;  // 12 of the 16
 #endif
 
-// y's output rows [row0, row1) of the flattened (n, i).
-void ConvRows(const float* x, const float* k, float* y, const Shape& s, int64_t row0,
-              int64_t row1) {
+// Winograd's minimal filtering F(4, 5) along a row (AVX-512 builds, stride 1, kernels 5
+// wide, C and F multiples of 16). For each tile of 4 output pixels of one kernel row,
+// y_tile = AT [(G k) . (BT x_tile)] over the tile's 8 input columns: 8 products per
+// channel pair against the direct sum's 20, 2.5 times fewer multiply-adds, the
+// transforms aside. BT is the Toom-Cook interpolation at 0, +-1, +-2, +-1/2 and
+// infinity, each row scaled to small integers (G's rows by the inverse), G k is
+// formed in double once per call, and AT is exact in float. The rounding error is
+// about 4 times the direct sum's (3x5 kernels, 16 or 32 channels, normal inputs). It
+// mixes the 8 columns of a tile at that level: an output may change by a rounding
+// error when an input its kernel does not reach does, so it is only for convolutions
+// whose outputs may read every column of the rows they read (a vertical stack);
+// ``cpu_kernels.conv(winograd=True)`` asks for it.
+namespace winograd {
+// AT (4 x 8) and BT (8 x 8) are written out in OutputTransform and InputTransform, as
+// sums and differences of the points' pairs +-p; G (8 x 5) is here:
+constexpr int kM = 4, kR = 5, kN = kM + kR - 1;
+constexpr double kG[kN][kR] = {{1. / 4, 0, 0, 0, 0},
+                               {1. / 18, 1. / 18, 1. / 18, 1. / 18, 1. / 18},
+                               {1. / 18, -1. / 18, 1. / 18, -1. / 18, 1. / 18},
+                               {1. / 360, 1. / 180, 1. / 90, 1. / 45, 2. / 45},
+                               {1. / 360, -1. / 180, 1. / 90, -1. / 45, 2. / 45},
+                               {16. / 45, 8. / 45, 4. / 45, 2. / 45, 1. / 45},
+                               {16. / 45, -8. / 45, 4. / 45, -2. / 45, 1. / 45},
+                               {0, 0, 0, 0, 1. / 4}};
+
+bool Applies(const Shape& s) {
+  return Lanes<Wide>() == 16 && s.sw == 1 && s.K == kR * s.C && s.C % 16 == 0 &&
+         s.F % 16 == 0 && s.Wo >= kM;
+}
+
+// U[a][t][c][f] = sum_b G[t][b] k[a][b][c][f], for every kernel row a.
+std::vector<float> KernelTransform(const float* k, const Shape& s) {
+  std::vector<float> u(s.kh * kN * s.C * s.F);
+  for (int64_t a = 0; a < s.kh; ++a)
+    for (int t = 0; t < kN; ++t)
+      for (int64_t m = 0; m < s.C * s.F; ++m) {
+        double sum = 0;
+        for (int b = 0; b < kR; ++b) sum += kG[t][b] * k[(a * kR + b) * s.C * s.F + m];
+        u[(a * kN + t) * s.C * s.F + m] = static_cast<float>(sum);
+      }
+  return u;
+}
+
+// v[tile][t][c] = sum_p BT[t][p] x_pad[(4 tile + p) * C + c] for the row's tiles, BT's
+// rows being
+//   (4, 0, -21, 0, 21, 0, -4, 0),   (0, -4, -4, 17, 17, -4, -4, 0),  (0, 4, -4, -17, 17, 4, -4, 0),
+//   (0, 2, 1, -10, -5, 8, 4, 0),    (0, -2, 1, 10, -5, -8, 4, 0),    (0, 4, 8, -5, -10, 1, 2, 0),
+//   (0, -4, 8, 5, -10, -1, 2, 0),   (0, -4, 0, 21, 0, -21, 0, 4):
+// rows 1 and 2, 3 and 4, 5 and 6 are the sum and difference of their even and odd
+// columns' parts (32 operations a vector where the rows as they are take 44).
+void InputTransform(const float* x_pad, float* v, int64_t tiles, const Shape& s) {
+  const Wide k2 = Splat<Wide>(2), k4 = Splat<Wide>(4), k5 = Splat<Wide>(5),
+             k8 = Splat<Wide>(8), k10 = Splat<Wide>(10), k17 = Splat<Wide>(17),
+             k21 = Splat<Wide>(21);
+  for (int64_t tile = 0; tile < tiles; ++tile)
+    for (int64_t c = 0; c < s.C; c += 16) {
+      Wide d[kN];
+      for (int p = 0; p < kN; ++p) d[p] = Load<Wide>(x_pad + (kM * tile + p) * s.C + c);
+      const Wide e1 = k17 * d[4] - k4 * (d[2] + d[6]), o1 = k17 * d[3] - k4 * (d[1] + d[5]);
+      const Wide e3 = d[2] - k5 * d[4] + k4 * d[6], o3 = k2 * d[1] - k10 * d[3] + k8 * d[5];
+      const Wide e5 = k8 * d[2] - k10 * d[4] + k2 * d[6], o5 = k4 * d[1] - k5 * d[3] + d[5];
+      const Wide r[kN] = {k4 * (d[0] - d[6]) + k21 * (d[4] - d[2]), e1 + o1, e1 - o1, e3 + o3,
+                          e3 - o3, e5 + o5, e5 - o5, k4 * (d[7] - d[1]) + k21 * (d[3] - d[5])};
+      for (int t = 0; t < kN; ++t) Store<Wide>(v + (tile * kN + t) * s.C + c, r[t]);
+    }
+}
+
+// m[tile][t][f ..] = sum_a sum_c v_a[tile][t][c] * U_a[t][c][f ..] for TB tiles from
+// tile0, NT points from t0 and NV vectors of f from f0.
+template <int TB, int NT, int NV>
+inline void Product(const float* const* v_rows, const float* const* u_rows, int num_rows,
+                    float* m, int64_t tile0, int t0, int64_t f0, const Shape& s) {
+  Wide acc[NT][TB][NV] = {};
+  for (int a = 0; a < num_rows; ++a)
+    for (int64_t c = 0; c < s.C; ++c)
+#pragma GCC unroll 2
+      for (int tt = 0; tt < NT; ++tt) {
+        const float* u = u_rows[a] + ((t0 + tt) * s.C + c) * s.F + f0;
+        Wide uv[NV];
+        for (int q = 0; q < NV; ++q) uv[q] = Load<Wide>(u + 16 * q);
+        const float* v = v_rows[a] + ((tile0 * kN) + t0 + tt) * s.C + c;
+#pragma GCC unroll 8
+        for (int tile = 0; tile < TB; ++tile) {
+          const Wide xv = Splat<Wide>(v[tile * kN * s.C]);
+          for (int q = 0; q < NV; ++q) acc[tt][tile][q] += xv * uv[q];
+        }
+      }
+  for (int tt = 0; tt < NT; ++tt)
+    for (int tile = 0; tile < TB; ++tile)
+      for (int q = 0; q < NV; ++q)
+        Store<Wide>(m + ((tile0 + tile) * kN + t0 + tt) * s.F + f0 + 16 * q, acc[tt][tile][q]);
+}
+
+template <int NT, int NV>
+void Products(const float* const* v_rows, const float* const* u_rows, int num_rows, float* m,
+              int64_t tiles, int64_t f0, const Shape& s) {
+  for (int t0 = 0; t0 < kN; t0 += NT) {
+    int64_t tile = 0;
+    for (; tile + 7 <= tiles; tile += 7)
+      Product<7, NT, NV>(v_rows, u_rows, num_rows, m, tile, t0, f0, s);
+    switch (tiles - tile) {
+      case 6: Product<6, NT, NV>(v_rows, u_rows, num_rows, m, tile, t0, f0, s); break;
+      case 5: Product<5, NT, NV>(v_rows, u_rows, num_rows, m, tile, t0, f0, s); break;
+      case 4: Product<4, NT, NV>(v_rows, u_rows, num_rows, m, tile, t0, f0, s); break;
+      case 3: Product<3, NT, NV>(v_rows, u_rows, num_rows, m, tile, t0, f0, s); break;
+      case 2: Product<2, NT, NV>(v_rows, u_rows, num_rows, m, tile, t0, f0, s); break;
+      case 1: Product<1, NT, NV>(v_rows, u_rows, num_rows, m, tile, t0, f0, s); break;
+      default: break;
+    }
+  }
+}
+
+// y_row[4 tile + q][f] = sum_t AT[q][t] m[tile][t][f], AT's rows being
+//   (1, 1, 1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 1/2, -1/2, 0), (0, 1, 1, 4, 4, 1/4, 1/4, 0),
+//   (0, 1, -1, 8, -8, 1/8, -1/8, 1):
+// the powers of the points +-1, +-2, +-1/2, from the sums and differences of each pair.
+void OutputTransform(const float* m, float* y_row, int64_t tiles, const Shape& s) {
+  for (int64_t tile = 0; tile < tiles; ++tile)
+    for (int64_t f = 0; f < s.F; f += 16) {
+      Wide mt[kN];
+      for (int t = 0; t < kN; ++t) mt[t] = Load<Wide>(m + (tile * kN + t) * s.F + f);
+      const Wide s1 = mt[1] + mt[2], d1 = mt[1] - mt[2], s2 = mt[3] + mt[4],
+                 d2 = mt[3] - mt[4], s3 = mt[5] + mt[6], d3 = mt[5] - mt[6];
+      float* y = y_row + kM * tile * s.F + f;
+      Store<Wide>(y, mt[0] + s1 + s2 + s3);
+      Store<Wide>(y + s.F, d1 + Splat<Wide>(2) * d2 + Splat<Wide>(.5f) * d3);
+      Store<Wide>(y + 2 * s.F, s1 + Splat<Wide>(4) * s2 + Splat<Wide>(.25f) * s3);
+      Store<Wide>(y + 3 * s.F, d1 + Splat<Wide>(8) * d2 + Splat<Wide>(.125f) * d3 + mt[7]);
+    }
+}
+
+// The transformed input rows of the last kh rows of x read, by input row: with stride
+// 1 an output row reads the rows of the one before it shifted by one, so each row of x
+// is transformed once per chunk, not once per kernel row.
+class TransformedRows {
+ public:
+  TransformedRows(const Shape& s, int64_t tiles)
+      : size_(tiles * kN * s.C), tiles_(tiles), padded_(s), data_(s.kh * size_),
+        tag_(s.kh, -1) {}
+
+  const float* Get(const float* x, int64_t n, int64_t x_i, const Shape& s) {
+    const int64_t slot = x_i % s.kh, tag = n * s.H + x_i;
+    float* v = data_.data() + slot * size_;
+    if (tag_[slot] != tag) {
+      InputTransform(padded_.Get(x + tag * s.W * s.C, slot), v, tiles_, s);
+      tag_[slot] = tag;
+    }
+    return v;
+  }
+
+ private:
+  int64_t size_, tiles_;
+  PaddedRows padded_;
+  std::vector<float> data_;
+  std::vector<int64_t> tag_;
+};
+}  // namespace winograd
+
+// y's output rows [row0, row1) of the flattened (n, i); ``u`` is k transformed for
+// Winograd's F(4, 5) (winograd::Applies), or null for the direct sums alone.
+void ConvRows(const float* x, const float* k, const float* u, float* y, const Shape& s,
+              int64_t row0, int64_t row1) {
   const int64_t kw = s.K / s.C;
+  // Winograd's tiles cover the first 4 * tiles pixels of a row; the direct sums the rest.
+  const int64_t tiles = u ? s.Wo / winograd::kM : 0, j0 = tiles * winograd::kM;
   PaddedRows padded(s);
-  std::vector<const float*> x_rows(s.kh), k_rows(s.kh);
+  winograd::TransformedRows transformed(s, tiles);
+  std::vector<float> products(tiles * winograd::kN * s.F);
+  std::vector<const float*> x_rows(s.kh), k_rows(s.kh), v_rows(s.kh), u_rows(s.kh);
   for (int64_t row = row0; row < row1; ++row) {
     const int64_t n = row / s.Ho, i = row % s.Ho;
     float* y_row = y + row * s.Wo * s.F;
@@ -351,27 +512,42 @@ void ConvRows(const float* x, const float* k, float* y, const Shape& s, int64_t 
     for (int64_t a = 0; a < s.kh; ++a) {
       const int64_t x_i = i * s.sh + a - s.top;
       if (x_i < 0 || x_i >= s.H) continue;
-      x_rows[num_rows] = padded.Get(x + (n * s.H + x_i) * s.W * s.C, num_rows);
+      if (tiles) {
+        v_rows[num_rows] = transformed.Get(x, n, x_i, s);
+        u_rows[num_rows] = u + a * winograd::kN * s.C * s.F;
+      }
+      if (j0 < s.Wo) x_rows[num_rows] = padded.Get(x + (n * s.H + x_i) * s.W * s.C, num_rows);
       k_rows[num_rows] = k + a * s.K * s.F;
       ++num_rows;
+    }
+    if (tiles) {
+      int64_t f = 0;
+      for (; f + 32 <= s.F; f += 32)
+        winograd::Products<1, 2>(v_rows.data(), u_rows.data(), num_rows, products.data(),
+                                 tiles, f, s);
+      for (; f < s.F; f += 16)
+        winograd::Products<2, 1>(v_rows.data(), u_rows.data(), num_rows, products.data(),
+                                 tiles, f, s);
+      winograd::OutputTransform(products.data(), y_row, tiles, s);
+      if (j0 == s.Wo) continue;
     }
     constexpr int L = Lanes<Wide>();
     int64_t f = 0;
     for (; f + 2 * L <= s.F; f += 2 * L)
-      ConvPixels<Wide, kPixelBlock, 2>(x_rows.data(), k_rows.data(), num_rows, y_row, f, s);
+      ConvPixels<Wide, kPixelBlock, 2>(x_rows.data(), k_rows.data(), num_rows, y_row, f, s, j0);
     for (; f + L <= s.F; f += L) {
       if (L == 16 && s.sw == 1 && kw == 5)
-        TapPixels<5>(x_rows.data(), k_rows.data(), num_rows, y_row, f, s);
+        TapPixels<5>(x_rows.data(), k_rows.data(), num_rows, y_row, f, s, j0);
       else if (L == 16 && s.sw == 1 && kw == 3)
-        TapPixels<3>(x_rows.data(), k_rows.data(), num_rows, y_row, f, s);
+        TapPixels<3>(x_rows.data(), k_rows.data(), num_rows, y_row, f, s, j0);
       else
         ConvPixels<Wide, 2 * kPixelBlock, 1>(x_rows.data(), k_rows.data(), num_rows, y_row,
-                                             f, s);
+                                             f, s, j0);
     }
     for (; f + 8 <= s.F; f += 8)
-      ConvPixels<v8, 12, 1>(x_rows.data(), k_rows.data(), num_rows, y_row, f, s);
+      ConvPixels<v8, 12, 1>(x_rows.data(), k_rows.data(), num_rows, y_row, f, s, j0);
     for (; f < s.F; ++f)
-      for (int64_t j = 0; j < s.Wo; ++j) {
+      for (int64_t j = j0; j < s.Wo; ++j) {
         float sum = 0.f;
         for (int a = 0; a < num_rows; ++a)
           for (int64_t m = 0; m < s.K; ++m)
@@ -383,7 +559,7 @@ void ConvRows(const float* x, const float* k, float* y, const Shape& s, int64_t 
 
 ffi::Error Conv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
                 ffi::ResultBuffer<ffi::F32> y, int64_t top, int64_t left, int64_t sh, int64_t sw,
-                int64_t max_chunks) {
+                int64_t max_chunks, int64_t use_winograd) {
   const auto xd = x.dimensions(), kd = k.dimensions(), yd = y->dimensions();
   if (xd.size() != 4 || kd.size() != 3 || yd.size() != 4 || xd[0] != yd[0] ||
       kd[2] != yd[3] || kd[1] % xd[3] != 0 || sh < 1 || sw < 1)
@@ -392,11 +568,13 @@ ffi::Error Conv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::
         "[B, Ho, Wo, F], and strides of at least 1");
   const Shape s{xd[1], xd[2], xd[3], yd[1], yd[2], yd[3], kd[0], kd[1], top, left, sh, sw};
   const int64_t rows = xd[0] * s.Ho;
+  std::vector<float> u;
+  if (use_winograd && winograd::Applies(s)) u = winograd::KernelTransform(k.typed_data(), s);
   // Each chunk writes its own rows of y: nothing to add up afterwards.
   const int64_t count = NumChunks(pool, rows, 16, max_chunks);
   RunChunks(pool, count, [&](int64_t c) {
-    ConvRows(x.typed_data(), k.typed_data(), y->typed_data(), s, c * rows / count,
-             (c + 1) * rows / count);
+    ConvRows(x.typed_data(), k.typed_data(), u.empty() ? nullptr : u.data(), y->typed_data(),
+             s, c * rows / count, (c + 1) * rows / count);
   });
   return ffi::Error::Success();
 }
@@ -419,7 +597,7 @@ auto Binding() {
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PvaeKernelGradient, KernelGradient, Binding());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(PvaeConv, Conv, Binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PvaeConv, Conv, Binding().Attr<int64_t>("winograd"));
 
 // 1 where this build has the AVX-512 blocks: the forward pass is measured faster than
 // XLA's there only.

@@ -177,7 +177,7 @@ _partitioned_kernel_gradient.def_partition(
 )
 
 
-def _ffi_conv(x_BxHxWxC, kernel_KHxKWCxF, padding, strides):
+def _ffi_conv(x_BxHxWxC, kernel_KHxKWCxF, padding, strides, winograd):
     (top, bottom), (left, right) = padding
     B, H, W, C = x_BxHxWxC.shape
     kh, kwc, F = kernel_KHxKWCxF.shape
@@ -185,25 +185,26 @@ def _ffi_conv(x_BxHxWxC, kernel_KHxKWCxF, padding, strides):
                  (W + left + right - kwc // C) // strides[1] + 1, F)
     return jax.ffi.ffi_call(_CONV_TARGET, _float32_like(x_BxHxWxC, out_shape),
                             vmap_method="sequential")(
-        x_BxHxWxC, kernel_KHxKWCxF, **_attributes(padding, strides))
+        x_BxHxWxC, kernel_KHxKWCxF, **_attributes(padding, strides),
+        winograd=np.int64(winograd))
 
 
-def _conv_partition(padding, strides, mesh, arg_shapes, result_shape):
+def _conv_partition(padding, strides, winograd, mesh, arg_shapes, result_shape):
     # Each device convolves its own images with the whole kernel: nothing to reduce.
     batch = _batch_sharding(mesh, arg_shapes)
-    lower = functools.partial(_ffi_conv, padding=padding, strides=strides)
+    lower = functools.partial(_ffi_conv, padding=padding, strides=strides, winograd=winograd)
     return mesh, lower, batch, (batch, NamedSharding(mesh, PartitionSpec()))
 
 
-@functools.partial(custom_partitioning, static_argnums=(2, 3))
-def _partitioned_conv(x_BxHxWxC, kernel_KHxKWCxF, padding, strides):
-    return _ffi_conv(x_BxHxWxC, kernel_KHxKWCxF, padding, strides)
+@functools.partial(custom_partitioning, static_argnums=(2, 3, 4))
+def _partitioned_conv(x_BxHxWxC, kernel_KHxKWCxF, padding, strides, winograd):
+    return _ffi_conv(x_BxHxWxC, kernel_KHxKWCxF, padding, strides, winograd)
 
 
 _partitioned_conv.def_partition(
     _conv_partition,
-    infer_sharding_from_operands=lambda padding, strides, mesh, arg_shapes, result_shape:
-        _batch_sharding(mesh, arg_shapes),
+    infer_sharding_from_operands=lambda padding, strides, winograd, mesh, arg_shapes,
+                                        result_shape: _batch_sharding(mesh, arg_shapes),
     sharding_rule="b h w c, kh kc f -> b ho wo f",
     need_replication_factors=("h", "w", "c", "kh", "kc", "f", "ho", "wo"),
 )
@@ -218,7 +219,7 @@ def _static(padding, strides):
 
 
 def conv(x_BxHxWxC, kernel_HxWxIxO, padding, partitioned: bool = True,
-         strides: tuple[int, int] = (1, 1)) -> jax.Array:
+         strides: tuple[int, int] = (1, 1), winograd: bool = False) -> jax.Array:
     """``lax.conv_general_dilated(x, kernel, strides, padding)`` (NHWC, HWIO, any
     integer padding) in float32 by the compiled kernel; RuntimeError where the kernels
     are unavailable.
@@ -233,7 +234,7 @@ def conv(x_BxHxWxC, kernel_HxWxIxO, padding, partitioned: bool = True,
     kh, kw, C, F = kernel_HxWxIxO.shape
     kernel = kernel_HxWxIxO.astype(jnp.float32).reshape(kh, kw * C, F)
     call = _partitioned_conv if partitioned else _ffi_conv
-    return call(x_BxHxWxC.astype(jnp.float32), kernel, padding, strides)
+    return call(x_BxHxWxC.astype(jnp.float32), kernel, padding, strides, bool(winograd))
 
 
 def kernel_gradient(x_BxHxWxC, dy_BxHoxWoxF, kernel_shape, padding,

@@ -128,7 +128,10 @@ class MaskedConv(nn.Module):
         if self.use_bias:
             params["bias"] = self.param("bias", nn.initializers.zeros, mask.shape[-1:])
         kernel, padding, bias = masked_conv_kernel(self, params, in_channels)
-        y = conv2d(x_BxHxWxC, kernel.astype(x_BxHxWxC.dtype), padding)
+        # The vertical stack's outputs read whole rows above them, so Winograd's mixing
+        # of a row's columns cannot reach across the causal boundary (conv2d).
+        y = conv2d(x_BxHxWxC, kernel.astype(x_BxHxWxC.dtype), padding,
+                   winograd=self.stack == "vertical")
         return y if bias is None else add_bias(y, bias)
 
 
