@@ -129,8 +129,8 @@ def test_the_avx2_blocks_equal_lax_on_any_x86_cpu(monkeypatch, tmp_path):
     assert library.PvaeWideBlocks() == 0
     for x_shape, kernel_shape, padding, strides in [(*c, (1, 1)) for c in CASES] + STRIDED_CASES:
         x, dy = _operands(x_shape, kernel_shape, padding, strides=strides)
-        got = jax.jit(cpu_kernels._ffi_kernel_gradient, static_argnums=(2, 3, 4))(
-            x, dy, kernel_shape, padding, strides)
+        got = jax.jit(cpu_kernels._ffi_kernel_gradient, static_argnums=(2, 3, 4, 5))(
+            x, dy, kernel_shape, padding, strides, True)  # no Winograd without AVX-512
         want = _lax_kernel_gradient(x, dy, kernel_shape, padding, strides)
         np.testing.assert_allclose(got.reshape(kernel_shape), want, rtol=1e-5, atol=1e-4)
         k = jax.random.normal(jax.random.key(1), kernel_shape)
@@ -138,99 +138,137 @@ def test_the_avx2_blocks_equal_lax_on_any_x86_cpu(monkeypatch, tmp_path):
         np.testing.assert_allclose(got, _lax_conv(x, k, padding, strides), rtol=1e-5, atol=1e-5)
 
 
-# Winograd's F(4, 5) (conv(winograd=True)): whole tiles (Wo = 8), tiles then columns by
-# the direct sums (Wo = 31, 11, 13), 7 tiles then 7 then 2 (Wo = 64), F = 32 + 16, C = 48,
-# one kernel row cropped at the top, and the vertical stack's input gradient (32 -> 16).
+# Winograd along the rows (winograd=True): whole tiles of 4 output columns (Wo = 8),
+# tiles then columns by the direct sums (Wo = 31, 11, 13), 7 tiles then 7 then 2 (Wo =
+# 64), F = 32 + 16, C = 48, a kernel row cropped at the top, the vertical stack's input
+# gradient (32 -> 16), and a row stride (the columns' must be 1).
 WINOGRAD_CASES = [
-    ((3, 9, 8, 16), (3, 5, 16, 32), ((2, 0), (2, 2))),  # vertical stack
-    ((2, 4, 31, 32), (3, 5, 32, 16), ((0, 2), (2, 2))),  # its input gradient
-    ((2, 5, 11, 16), (3, 5, 16, 48), ((2, 0), (2, 2))),
-    ((2, 3, 64, 48), (2, 5, 48, 32), ((1, 0), (2, 2))),
-    ((2, 6, 13, 16), (3, 5, 16, 16), ((-1, 2), (0, 0))),
+    ((3, 9, 8, 16), (3, 5, 16, 32), ((2, 0), (2, 2)), (1, 1)),  # vertical stack
+    ((2, 4, 31, 32), (3, 5, 32, 16), ((0, 2), (2, 2)), (1, 1)),  # its input gradient
+    ((2, 5, 11, 16), (3, 5, 16, 48), ((2, 0), (2, 2)), (1, 1)),
+    ((2, 3, 64, 48), (2, 5, 48, 32), ((1, 0), (2, 2)), (1, 1)),
+    ((2, 6, 13, 16), (3, 5, 16, 16), ((-1, 2), (0, 0)), (1, 1)),
+    ((2, 9, 12, 16), (3, 5, 16, 32), ((1, 1), (2, 2)), (2, 1)),
 ]
+# Within 8 float32 epsilons of the sum of the terms' magnitudes (measured on these
+# cases: at most 5.2 by Winograd, 2.2 by the direct sums).
+WINOGRAD_BOUND = 8 * np.finfo(np.float32).eps
 
 
-def _float64_conv(x, k, padding):
-    """The convolution in float64, and the sum of its terms' magnitudes, per output."""
-    x, k = np.asarray(x, np.float64), np.asarray(k, np.float64)
+def _float64_windows(x, padding, kernel_hw, strides):
+    """x_pad's window of every kernel tap (a, b), [B, Ho, Wo, C], in float64."""
+    x = np.asarray(x, np.float64)
     x_pad = np.pad(x, [(0, 0), *((max(lo, 0), max(hi, 0)) for lo, hi in padding), (0, 0)])
     (top, bottom), (left, right) = padding
     x_pad = x_pad[:, max(-top, 0): x_pad.shape[1] - max(-bottom, 0),
                   max(-left, 0): x_pad.shape[2] - max(-right, 0)]
-    kh, kw = k.shape[:2]
-    Ho, Wo = x_pad.shape[1] - kh + 1, x_pad.shape[2] - kw + 1
-    y = np.zeros((x.shape[0], Ho, Wo, k.shape[3]))
-    magnitude = np.zeros_like(y)
-    for a in range(kh):
-        for b in range(kw):
-            window = x_pad[:, a: a + Ho, b: b + Wo]
-            y += window @ k[a, b]
-            magnitude += np.abs(window) @ np.abs(k[a, b])
-    return y, magnitude
+    (kh, kw), (sh, sw) = kernel_hw, strides
+    Ho, Wo = (x_pad.shape[1] - kh) // sh + 1, (x_pad.shape[2] - kw) // sw + 1
+    return {(a, b): x_pad[:, a: a + (Ho - 1) * sh + 1: sh, b: b + (Wo - 1) * sw + 1: sw]
+            for a in range(kh) for b in range(kw)}
 
 
-@pytest.mark.parametrize("x_shape, kernel_shape, padding", WINOGRAD_CASES)
-def test_winograd_is_within_its_rounding_bound_in_its_tiles_and_direct_after(
-        x_shape, kernel_shape, padding):
-    x, _ = _operands(x_shape, kernel_shape, padding)
+def _float64_conv(x, k, padding, strides=(1, 1)):
+    """The convolution in float64, and the sum of its terms' magnitudes, per output."""
+    k = np.asarray(k, np.float64)
+    windows = _float64_windows(x, padding, k.shape[:2], strides)
+    y = sum(w @ k[a, b] for (a, b), w in windows.items())
+    return y, sum(np.abs(w) @ np.abs(k[a, b]) for (a, b), w in windows.items())
+
+
+def _float64_kernel_gradient(x, dy, kernel_shape, padding, strides=(1, 1)):
+    """The kernel gradient in float64, and the sum of its terms' magnitudes."""
+    dy = np.asarray(dy, np.float64).reshape(-1, kernel_shape[3])
+    dk, magnitude = np.zeros(kernel_shape), np.zeros(kernel_shape)
+    for (a, b), w in _float64_windows(x, padding, kernel_shape[:2], strides).items():
+        w = w.reshape(-1, kernel_shape[2])
+        dk[a, b], magnitude[a, b] = w.T @ dy, np.abs(w).T @ np.abs(dy)
+    return dk, magnitude
+
+
+def _wide() -> bool:
+    """Whether the kernels have the AVX-512 blocks, and so Winograd's paths."""
+    return cpu_kernels.registered() and bool(cpu_kernels._library.PvaeWideBlocks())
+
+
+@pytest.mark.parametrize("x_shape, kernel_shape, padding, strides", WINOGRAD_CASES)
+def test_winograd_forward_is_within_its_bound_in_its_tiles_and_direct_after(
+        x_shape, kernel_shape, padding, strides):
+    x, _ = _operands(x_shape, kernel_shape, padding, strides=strides)
     k = jax.random.normal(jax.random.key(1), kernel_shape)
     conv_fn = jax.jit(cpu_kernels.conv, static_argnums=(2, 3, 4, 5))
-    direct = np.asarray(conv_fn(x, k, padding, True, (1, 1), False))
-    got = np.asarray(conv_fn(x, k, padding, True, (1, 1), True))
-    if not cpu_kernels._library.PvaeWideBlocks():  # AVX2 builds have no Winograd
+    direct = np.asarray(conv_fn(x, k, padding, True, strides, False))
+    got = np.asarray(conv_fn(x, k, padding, True, strides, True))
+    if not _wide():  # AVX2 builds have no Winograd
         np.testing.assert_array_equal(got, direct)
         return
     tiled = direct.shape[2] // 4 * 4
     # Past the last whole tile of 4 columns, the direct sums, to the bit.
     np.testing.assert_array_equal(got[:, :, tiled:], direct[:, :, tiled:])
-    # In the tiles, Winograd's own rounding (so it ran), within 8 float32 epsilons of
-    # the sum of the terms' magnitudes (measured: at most 5.0; the direct sums 2.2).
+    # In the tiles, Winograd's own rounding (so it ran).
     assert not np.array_equal(got[:, :, :tiled], direct[:, :, :tiled])
-    want, magnitude = _float64_conv(x, k, padding)
-    bound = 8 * np.finfo(np.float32).eps * magnitude
-    assert np.all(np.abs(got - want) <= bound), np.max(np.abs(got - want) / magnitude)
+    want, magnitude = _float64_conv(x, k, padding, strides)
+    assert np.all(np.abs(got - want) <= WINOGRAD_BOUND * magnitude)
+
+
+@pytest.mark.parametrize("x_shape, kernel_shape, padding, strides", WINOGRAD_CASES)
+def test_winograd_kernel_gradient_is_within_its_bound(x_shape, kernel_shape, padding,
+                                                      strides):
+    x, dy = _operands(x_shape, kernel_shape, padding, strides=strides)
+    fn = jax.jit(cpu_kernels.kernel_gradient, static_argnums=(2, 3, 4, 5, 6))
+    direct = np.asarray(fn(x, dy, kernel_shape, padding, True, strides, False))
+    got = np.asarray(fn(x, dy, kernel_shape, padding, True, strides, True))
+    if not _wide():
+        np.testing.assert_array_equal(got, direct)
+        return
+    assert not np.array_equal(got, direct)
+    want, magnitude = _float64_kernel_gradient(x, dy, kernel_shape, padding, strides)
+    assert np.all(np.abs(got - want) <= WINOGRAD_BOUND * magnitude)
 
 
 @pytest.mark.parametrize("x_shape, kernel_shape, padding, strides", [
     ((2, 6, 12, 16), (3, 3, 16, 32), ((1, 1), (1, 1)), (1, 1)),  # 3 wide
     ((2, 6, 12, 8), (3, 5, 8, 32), ((1, 1), (2, 2)), (1, 1)),  # 8 input channels
     ((2, 6, 12, 16), (3, 5, 16, 24), ((1, 1), (2, 2)), (1, 1)),  # 24 output channels
-    ((2, 8, 12, 16), (3, 5, 16, 32), ((1, 1), (2, 2)), (2, 2)),  # strided
+    ((2, 8, 12, 16), (3, 5, 16, 32), ((1, 1), (2, 2)), (1, 2)),  # strided columns
     ((2, 6, 7, 16), (3, 5, 16, 32), ((1, 1), (0, 0)), (1, 1)),  # 3 columns, no tile
 ])
 def test_winograd_leaves_the_other_convolutions_to_the_direct_sums(x_shape, kernel_shape,
                                                                   padding, strides):
-    x, _ = _operands(x_shape, kernel_shape, padding, strides=strides)
+    x, dy = _operands(x_shape, kernel_shape, padding, strides=strides)
     k = jax.random.normal(jax.random.key(1), kernel_shape)
     conv_fn = jax.jit(cpu_kernels.conv, static_argnums=(2, 3, 4, 5))
     np.testing.assert_array_equal(conv_fn(x, k, padding, True, strides, True),
                                   conv_fn(x, k, padding, True, strides, False))
+    fn = jax.jit(cpu_kernels.kernel_gradient, static_argnums=(2, 3, 4, 5, 6))
+    np.testing.assert_array_equal(fn(x, dy, kernel_shape, padding, True, strides, True),
+                                  fn(x, dy, kernel_shape, padding, True, strides, False))
 
 
-def test_conv2d_winograd_is_its_forward_pass_and_input_gradient():
-    x_shape, kernel_shape, padding = WINOGRAD_CASES[0]
+def test_conv2d_winograd_is_its_forward_pass_and_both_gradients():
+    x_shape, kernel_shape, padding, _ = WINOGRAD_CASES[0]
     x, dy = _operands(x_shape, kernel_shape, padding)
     k = jax.random.normal(jax.random.key(1), kernel_shape)
 
-    def forward_and_input_gradient(winograd):
-        f = lambda x: conv.conv2d(x, k, padding, winograd=winograd)  # noqa: E731
-        return jax.jit(lambda x: jax.vjp(f, x)[0:1] + (jax.vjp(f, x)[1](dy)[0],))
+    def forward_and_gradients(winograd):
+        def fn(x, k):
+            y, vjp = jax.vjp(lambda x, k: conv.conv2d(x, k, padding, winograd=winograd), x, k)
+            return (y, *vjp(dy))
+        return jax.jit(fn)
 
-    fn = forward_and_input_gradient(True)
-    hlo = fn.lower(x).compile().as_text()
-    wide = bool(cpu_kernels._library.PvaeWideBlocks())
-    assert hlo.count("winograd = 1") == (2 if wide else 0)
-    y, dx = fn(x)
-    want_y, magnitude_y = _float64_conv(x, k, padding)
+    fn = forward_and_gradients(True)
+    hlo = fn.lower(x, k).compile().as_text()
+    assert hlo.count("winograd = 1") == (3 if _wide() else 0)
+    y, dx, dk = fn(x, k)
     # The input gradient: the convolution of dy with the flipped kernel, channels swapped.
     kernel_t = np.flip(np.asarray(k), (0, 1)).swapaxes(2, 3)
-    want_dx, magnitude_dx = _float64_conv(dy, kernel_t, ((0, 2), (2, 2)))
-    eps = np.finfo(np.float32).eps
-    assert np.all(np.abs(y - want_y) <= 8 * eps * magnitude_y)
-    assert np.all(np.abs(dx - want_dx) <= 8 * eps * magnitude_dx)
-    if wide:  # by Winograd: not the direct sums' rounding
-        y_direct, dx_direct = forward_and_input_gradient(False)(x)
-        assert not np.array_equal(y, y_direct) and not np.array_equal(dx, dx_direct)
+    for got, (want, magnitude) in [
+            (y, _float64_conv(x, k, padding)), (dx, _float64_conv(dy, kernel_t, ((0, 2), (2, 2)))),
+            (dk, _float64_kernel_gradient(x, dy, kernel_shape, padding))]:
+        assert np.all(np.abs(got - want) <= WINOGRAD_BOUND * magnitude)
+    if _wide():  # by Winograd: not the direct sums' rounding
+        for got, direct in zip((y, dx, dk), forward_and_gradients(False)(x, k), strict=True):
+            assert not np.array_equal(got, direct)
 
 
 def _linear_loss_grad(conv_fn, x, dy):
@@ -346,9 +384,10 @@ def test_a_call_takes_at_most_the_cores_of_its_device(monkeypatch, cores, want):
     assert cpu_kernels.max_chunks() == want
 
 
+@pytest.mark.parametrize("winograd", [False, True])
 @pytest.mark.parametrize("max_chunks", [1, 2, 4])
 def test_a_large_batch_is_split_into_chunks_and_summed_in_a_fixed_order(monkeypatch,
-                                                                        max_chunks):
+                                                                        max_chunks, winograd):
     # 40 images of 28 rows: 1120 output rows, enough for one chunk per pool thread. The
     # tests' two virtual devices on a 2-core machine have one core each, so one chunk
     # unless a device is said to have more cores.
@@ -356,8 +395,8 @@ def test_a_large_batch_is_split_into_chunks_and_summed_in_a_fixed_order(monkeypa
     x_shape, kernel_shape, padding = (40, 28, 28, 16), (3, 5, 16, 32), ((2, 0), (2, 2))
     x, dy = _operands(x_shape, kernel_shape, padding, seed=3)
     # Unpartitioned, so that the attribute is in the traced call (and its cache key).
-    fn = jax.jit(functools.partial(cpu_kernels.kernel_gradient, partitioned=False),
-                 static_argnums=(2, 3))
+    fn = jax.jit(functools.partial(cpu_kernels.kernel_gradient, partitioned=False,
+                                   winograd=winograd), static_argnums=(2, 3))
     hlo = fn.lower(x, dy, kernel_shape, padding).compile().as_text()
     assert f"max_chunks = {max_chunks} : i64" in hlo
     first = np.asarray(fn(x, dy, kernel_shape, padding))
