@@ -1,6 +1,7 @@
 """conv2d: the forward pass and both gradients of lax.conv_general_dilated, in forward
 and reverse mode, for the kernel and padding shapes the PixelCNN layers use."""
 
+import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -98,6 +99,32 @@ def test_gradients_under_shard_map_with_a_replicated_kernel(kernel_hw, padding):
 
     got = jax.jit(jax.grad(loss(conv2d), argnums=(0, 1)))(x, k, dy)
     want = jax.jit(jax.grad(loss(_lax_conv), argnums=(0, 1)))(x, k, dy)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("kernel_hw, padding, strides", [
+    ((3, 3), ((0, 1), (0, 1)), (2, 2)),  # the encoders' stride-2 'SAME' layers
+    ((3, 5), ((1, 1), (2, 2)), (2, 1)),
+])
+def test_strided_gradients_under_shard_map_with_a_replicated_kernel(kernel_hw, padding,
+                                                                    strides):
+    n = jax.device_count()
+    mesh = jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    x, k, kd = _operands(kernel_hw, shape=(2 * n, 8, 9, 4))
+    lax_conv = functools.partial(jax.lax.conv_general_dilated, window_strides=strides,
+                                 padding=padding, dimension_numbers=DIMS)
+    dy = jax.random.normal(kd, lax_conv(x, k).shape)
+
+    def loss(conv):
+        def local(x, k, dy):
+            return jax.lax.psum(jnp.sum(conv(x, k) * dy), "data")
+        return jax.shard_map(local, mesh=mesh, in_specs=(P("data"), P(), P("data")),
+                             out_specs=P())
+
+    got = jax.jit(jax.grad(loss(lambda x, k: conv2d(x, k, padding, strides)),
+                           argnums=(0, 1)))(x, k, dy)
+    want = jax.jit(jax.grad(loss(lax_conv), argnums=(0, 1)))(x, k, dy)
     np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-4)
 

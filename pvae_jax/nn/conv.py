@@ -280,9 +280,11 @@ def _input_cotangent(ct_BxHoxWoxO, kernel_HxWxIxO, padding, strides, x_shape,
     ``_forward``'s, by ``_fast_forward`` (with strides, lax's transpose, which dilates
     ``ct``), by Winograd's F(4, 5) too where ``conv2d(winograd=True)`` asked for it."""
     if strides != (1, 1):
-        (dx,) = jax.linear_transpose(lambda x: _forward(x, kernel_HxWxIxO, padding, strides),
-                                     jax.ShapeDtypeStruct(x_shape, ct_BxHoxWoxO.dtype))(
-            ct_BxHoxWoxO)
+        # vjp at zeros typed like ct: under shard_map x varies over the mesh axes ct
+        # does, which a bare ShapeDtypeStruct (linear_transpose's) would not say.
+        x0 = _vary(jnp.zeros(x_shape, ct_BxHoxWoxO.dtype), _varying(ct_BxHoxWoxO))
+        _, transpose = jax.vjp(lambda x: _forward(x, kernel_HxWxIxO, padding, strides), x0)
+        (dx,) = transpose(ct_BxHoxWoxO)
         return dx
     kernel_hw = kernel_HxWxIxO.shape[:2]
     conv_padding, rest = _split_padding(padding, kernel_hw)
