@@ -25,7 +25,6 @@ then source channel, and pass through tanh before use.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 from typing import NamedTuple
@@ -48,39 +47,14 @@ def _float_dtype(*arrays):
     return jnp.result_type(*[jnp.asarray(a).dtype for a in arrays], jnp.float32)
 
 
-_batch_shard_axes: tuple[str, ...] = ()  # see noise_of_batch_shards
-
-
-@contextlib.contextmanager
-def noise_of_batch_shards(axis_names: tuple[str, ...]):
-    """Inside ``shard_map`` over a batch split along the mesh axes ``axis_names``
-    (whose leading dimension every draw here takes as the batch's): each draw returns
-    this shard's rows of the draw the whole batch would get, so that the noise of a
-    train step does not depend on how many devices share the batch. Each device draws
-    the whole batch's noise and keeps its part. Only tracing looks at this."""
-    global _batch_shard_axes
-    previous, _batch_shard_axes = _batch_shard_axes, tuple(axis_names)
-    try:
-        yield
-    finally:
-        _batch_shard_axes = previous
-
-
 def _noise(sampler, key, shape, dtype):
-    """Draws ``sampler(key, shape, dtype)`` as a flat vector, then reshapes it (within
-    ``noise_of_batch_shards``, this shard's rows of the whole batch's draw).
+    """Draws ``sampler(key, shape, dtype)`` as a flat vector, then reshapes it.
 
     With threefry_partitionable (the default) the values are identical to a direct
     draw, but XLA:CPU compiles the flat draw about 10x faster: a rank-5 draw took
     3-4 s to compile, its flat twin 0.3 s.
     """
-    size = math.prod(shape)
-    if not _batch_shard_axes:
-        return sampler(key, (size,), dtype).reshape(shape)
-    shards = math.prod(jax.lax.axis_size(axis) for axis in _batch_shard_axes)
-    flat = sampler(key, (shards * size,), dtype)
-    start = jax.lax.axis_index(_batch_shard_axes) * size
-    return jax.lax.dynamic_slice(flat, (start,), (size,)).reshape(shape)
+    return sampler(key, (math.prod(shape),), dtype).reshape(shape)
 
 
 # ----------------------------------------------------------------------------

@@ -3,8 +3,7 @@
 The train and eval steps are pure per-batch functions, jitted over a 1-D ``'data'``
 mesh of all devices: the global batch is sharded over it and the state replicated,
 which is what ``pmap`` did, in the form JAX now recommends (and multi-host ready).
-The train step's gradients are summed per device in ``shard_map`` where the model has
-no batch statistics (``_summed_per_device``). Randomness enters once, as ``jax.random.key(config.seed)``; the step folds its
+Randomness enters once, as ``jax.random.key(config.seed)``; the step folds its
 number into the train key inside the jitted function.
 """
 
@@ -23,11 +22,10 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from jax import flatten_util
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from pvae_jax import checkpointing, data, distributed, distributions, models, sampling, viz
+from pvae_jax import checkpointing, data, distributed, models, sampling, viz
 from pvae_jax.metrics import METRICS_FILE, MetricWriter, read_metrics
 
 
@@ -93,26 +91,17 @@ def _select(pred, new, old):
     return jax.tree.map(lambda n, o: jnp.where(pred, n, o), new, old)
 
 
-def train_step(state: TrainState, image_BxHxWxC, *, model, tx, config, mesh=None):
-    """One update on a global batch; returns the new state and scalar metrics.
-
-    With ``mesh`` (the batch sharded over its axes) and a model without batch
-    statistics, the gradients are summed per device and added across devices in one
-    all-reduce of them all, flattened (``_summed_per_device``); otherwise XLA places
-    the reductions.
-    """
+def train_step(state: TrainState, image_BxHxWxC, *, model, tx, config):
+    """One update on a global batch; returns the new state and scalar metrics."""
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     weight = kl_weight(state.step, config.kl_warmup_steps)
-    # Each slice's loss is its images' summed loss over the slice's size in the whole
-    # batch: the slice's mean, also when a device sums its part of the slice alone.
-    slice_size = image_BxHxWxC.shape[0] // config.num_microbatches
 
     def loss_fn(params, image, key):
         variables = {"params": params, **state.model_state}
         out, new_model_state = model.apply(
             variables, image, train=True, kl_weight=weight, rngs={"sample": key},
             mutable=list(state.model_state))
-        return out["loss"].sum() / slice_size, (out, new_model_state)
+        return out["loss"].mean(), (out, new_model_state)
 
     if config.num_microbatches > 1 and state.model_state:
         raise ValueError(
@@ -120,22 +109,16 @@ def train_step(state: TrainState, image_BxHxWxC, *, model, tx, config, mesh=None
             f"batch statistics (its collections: {sorted(state.model_state)}): they "
             f"would span a microbatch, not the batch; use num_microbatches=1")
 
-    def slice_fn(params, image, key):
+    def slice_fn(image, key):
         (loss, (out, new_model_state)), grads = jax.value_and_grad(
-            loss_fn, has_aux=True)(params, image, key)
+            loss_fn, has_aux=True)(state.params, image, key)
         return (loss, grads), (out, new_model_state)
 
-    if mesh is not None and not state.model_state:
-        loss, grads, out = _summed_per_device(slice_fn, state.params, image_BxHxWxC, key,
-                                              config.num_microbatches, mesh)
-        model_state = state.model_state
-    else:
-        (loss, grads), aux = _over_microbatches(
-            functools.partial(slice_fn, state.params), image_BxHxWxC, key,
-            config.num_microbatches)
-        out = jax.tree.map(lambda *o: jnp.concatenate(o), *(o for o, _ in aux))
-        model_state = aux[-1][1]  # Only a single slice may carry batch statistics.
+    (loss, grads), aux = _over_microbatches(slice_fn, image_BxHxWxC, key,
+                                            config.num_microbatches)
     loss, grads = jax.tree.map(lambda t: t / config.num_microbatches, (loss, grads))
+    out = jax.tree.map(lambda *o: jnp.concatenate(o), *(o for o, _ in aux))
+    model_state = aux[-1][1]  # Only a single slice may carry batch statistics.
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -168,40 +151,10 @@ def train_step(state: TrainState, image_BxHxWxC, *, model, tx, config, mesh=None
     return new_state, metrics
 
 
-def _summed_per_device(slice_fn, params, image_BxHxWxC, key, num_microbatches: int, mesh):
-    """``_over_microbatches(slice_fn)`` on each device's part of the batch, in
-    ``shard_map``: (the summed loss, the summed gradients, the concatenated outputs).
-
-    Each device differentiates its own copy of the parameters, so the gradients are
-    its images' alone, then one ``psum`` adds them all as one flat vector. XLA's
-    partitioner instead makes one all-reduce operand of every gradient (190 on
-    gated_noup, which XLA:CPU's in-process all-reduce pays for one by one: 3.8 ms
-    against 0.8 ms flat in a microbenchmark); a gated_noup train step took 0.938x and
-    0.946x the time this way (2-core Xeon, 20 and 30 alternated rounds). The noise is
-    each device's rows of the whole batch's (``distributions.noise_of_batch_shards``),
-    as without ``shard_map``.
-    """
-    axes = tuple(mesh.axis_names)
-
-    def per_device(params, image, key):
-        params = jax.tree.map(lambda p: jax.lax.pcast(p, axes, to="varying"), params)
-        with distributions.noise_of_batch_shards(axes):
-            (loss, grads), aux = _over_microbatches(functools.partial(slice_fn, params),
-                                                    image, key, num_microbatches, shards=1)
-        flat, unravel = flatten_util.ravel_pytree(grads)
-        loss, flat = jax.lax.psum((loss, flat), axes)
-        out = jax.tree.map(lambda *o: jnp.concatenate(o), *(o for o, _ in aux))
-        return loss, unravel(flat), out
-
-    return jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(axes), P()),
-                         out_specs=(P(), P(), P(axes)))(params, image_BxHxWxC, key)
-
-
-def _over_microbatches(fn, image_BxHxWxC, key, num_microbatches: int, *extra_Bx,
-                       shards: int | None = None):
+def _over_microbatches(fn, image_BxHxWxC, key, num_microbatches: int, *extra_Bx):
     """``fn(image, *extra, key)`` on ``num_microbatches`` equal slices of a batch
-    (``_microbatch``, over ``shards`` parts: by default every device's), one after
-    another; returns the sum of its first outputs and the list of its second ones.
+    (``_microbatch``), one after another; returns the sum of its first outputs and the
+    list of its second ones.
 
     Slice m reads the noise of ``fold_in(key, m)`` (``key`` itself when there is one
     slice). The loop is unrolled: XLA:CPU runs convolutions inside a while loop as
@@ -209,24 +162,22 @@ def _over_microbatches(fn, image_BxHxWxC, key, num_microbatches: int, *extra_Bx,
     """
     total, aux = None, []
     for m in range(num_microbatches):
-        image = _microbatch(image_BxHxWxC, m, num_microbatches, shards)
+        image = _microbatch(image_BxHxWxC, m, num_microbatches)
         if total is not None:
             image = _after(total, image)
-        summed, rest = fn(image, *(_microbatch(x, m, num_microbatches, shards)
-                                   for x in extra_Bx),
+        summed, rest = fn(image, *(_microbatch(x, m, num_microbatches) for x in extra_Bx),
                           key if num_microbatches == 1 else jax.random.fold_in(key, m))
         total = summed if total is None else jax.tree.map(jnp.add, total, summed)
         aux.append(rest)
     return total, aux
 
 
-def _microbatch(x_Bx, m: int, num_microbatches: int, shards: int | None = None):
-    """The m-th of ``num_microbatches`` slices of a batch sharded over ``shards`` parts
-    (by default all devices, as in Trainer's mesh; 1 inside ``shard_map``): the m-th
-    slice of every part, so that no data moves between devices."""
+def _microbatch(x_Bx, m: int, num_microbatches: int):
+    """The m-th of ``num_microbatches`` slices of a batch sharded over all devices: the
+    m-th slice of every device's part, so that no data moves between devices."""
     if num_microbatches == 1:
         return x_Bx
-    n = jax.device_count() if shards is None else shards
+    n = jax.device_count()  # The batch is sharded over all devices (Trainer's mesh).
     B = x_Bx.shape[0]
     x_NxMxbx = x_Bx.reshape(n, num_microbatches, B // (n * num_microbatches), *x_Bx.shape[1:])
     return x_NxMxbx[:, m].reshape(B // num_microbatches, *x_Bx.shape[1:])
@@ -312,8 +263,7 @@ class Trainer:
         """A new jitted train step (``self.train_step`` is one), traced afresh on its
         first call: ``(state, image) -> (state, metrics)``, ``state`` donated."""
         return jax.jit(
-            functools.partial(train_step, model=self.model, tx=self.tx, config=self.config,
-                              mesh=self.mesh),
+            functools.partial(train_step, model=self.model, tx=self.tx, config=self.config),
             in_shardings=(self.replicated, self.batch_sharding),
             out_shardings=(self.replicated, self.replicated), donate_argnums=0)
 

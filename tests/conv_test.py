@@ -2,7 +2,6 @@
 and reverse mode, for the kernel and padding shapes the PixelCNN layers use."""
 
 import functools
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp

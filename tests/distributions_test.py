@@ -8,7 +8,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import PartitionSpec as P
 
 from pvae_jax import distributions as dist
 
@@ -154,29 +153,6 @@ def test_gaussian_log_prob_matches_density_formula_and_integrates_to_one():
         )
     )
     np.testing.assert_allclose(dens.sum(0) * (grid[1] - grid[0]), 1.0, rtol=1e-5)
-
-
-@pytest.mark.parametrize("shape", [(8, 3), (4, 2, 5)])
-def test_noise_of_batch_shards_is_each_shards_rows_of_the_whole_batchs(shape):
-    n = jax.device_count()  # Two virtual CPU devices under the tests' conftest.
-    mesh = jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-    key = jax.random.key(3)
-    mean = jnp.zeros(shape)
-
-    def per_shard(mean, key):
-        with dist.noise_of_batch_shards(("data",)):
-            return dist.gaussian_sample(key, mean, jnp.zeros_like(mean))
-
-    sharded = jax.jit(jax.shard_map(per_shard, mesh=mesh, in_specs=(P("data"), P()),
-                                    out_specs=P("data")))(mean, key)
-    whole = dist.gaussian_sample(key, mean, jnp.zeros_like(mean))
-    np.testing.assert_array_equal(sharded, whole)
-    # Without it, each shard draws its own rows' worth from the same key: the same rows.
-    own = jax.jit(jax.shard_map(lambda m, k: dist.gaussian_sample(k, m, jnp.zeros_like(m)),
-                                mesh=mesh, in_specs=(P("data"), P()),
-                                out_specs=P("data")))(mean, key)
-    rows = shape[0] // n
-    np.testing.assert_array_equal(own[:rows], own[rows:2 * rows])
 
 
 def test_gaussian_sample_moments_temperature_and_reparameterisation():
