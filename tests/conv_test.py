@@ -2,6 +2,7 @@
 and reverse mode, for the kernel and padding shapes the PixelCNN layers use."""
 
 import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
