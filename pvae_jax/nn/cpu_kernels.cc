@@ -228,8 +228,8 @@ int64_t NumChunks(ffi::ThreadPool& pool, int64_t rows, int64_t min_rows, int64_t
 //   formed in double once per call, and AT is exact in float.
 // - The kernel gradient, F(5, 4): a kernel row's 5 columns of dk from one tile are the
 //   correlation of its 8 columns of x with its 4 of dy, dk_tile = AT5 [(G4 dy_tile) .
-//   (BT x_tile)] with the same points and BT (G4, AT5 in KernelGradientTransforms).
-//   The products are summed over all of a chunk's tiles before AT5, so they are sums
+//   (BT x_tile)] with the same points and BT (G4 in DyTransform, AT5 in
+//   KernelOutputTransform). The products are summed over all of a chunk's tiles before AT5, so they are sums
 //   of the transformed x times the transformed dy, 8 products per pair of channels and
 //   tile against 20.
 // The rounding error is about 4 times the direct sums' (3x5 kernels, 16 or 32
