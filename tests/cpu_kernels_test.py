@@ -186,11 +186,6 @@ def _float64_kernel_gradient(x, dy, kernel_shape, padding, strides=(1, 1)):
     return dk, magnitude
 
 
-def _wide() -> bool:
-    """Whether the kernels have the AVX-512 blocks, and so Winograd's paths."""
-    return cpu_kernels.registered() and bool(cpu_kernels._library.PvaeWideBlocks())
-
-
 @pytest.mark.parametrize("x_shape, kernel_shape, padding, strides", WINOGRAD_CASES)
 def test_winograd_forward_is_within_its_bound_in_its_tiles_and_direct_after(
         x_shape, kernel_shape, padding, strides):
@@ -199,7 +194,7 @@ def test_winograd_forward_is_within_its_bound_in_its_tiles_and_direct_after(
     conv_fn = jax.jit(cpu_kernels.conv, static_argnums=(2, 3, 4, 5))
     direct = np.asarray(conv_fn(x, k, padding, True, strides, False))
     got = np.asarray(conv_fn(x, k, padding, True, strides, True))
-    if not _wide():  # AVX2 builds have no Winograd
+    if not cpu_kernels.wide_blocks():  # AVX2 builds have no Winograd
         np.testing.assert_array_equal(got, direct)
         return
     tiled = direct.shape[2] // 4 * 4
@@ -218,7 +213,7 @@ def test_winograd_kernel_gradient_is_within_its_bound(x_shape, kernel_shape, pad
     fn = jax.jit(cpu_kernels.kernel_gradient, static_argnums=(2, 3, 4, 5, 6))
     direct = np.asarray(fn(x, dy, kernel_shape, padding, True, strides, False))
     got = np.asarray(fn(x, dy, kernel_shape, padding, True, strides, True))
-    if not _wide():
+    if not cpu_kernels.wide_blocks():
         np.testing.assert_array_equal(got, direct)
         return
     assert not np.array_equal(got, direct)
@@ -258,7 +253,7 @@ def test_conv2d_winograd_is_its_forward_pass_and_both_gradients():
 
     fn = forward_and_gradients(True)
     hlo = fn.lower(x, k).compile().as_text()
-    assert hlo.count("winograd = 1") == (3 if _wide() else 0)
+    assert hlo.count("winograd = 1") == (3 if cpu_kernels.wide_blocks() else 0)
     y, dx, dk = fn(x, k)
     # The input gradient: the convolution of dy with the flipped kernel, channels swapped.
     kernel_t = np.flip(np.asarray(k), (0, 1)).swapaxes(2, 3)
@@ -266,7 +261,7 @@ def test_conv2d_winograd_is_its_forward_pass_and_both_gradients():
             (y, _float64_conv(x, k, padding)), (dx, _float64_conv(dy, kernel_t, ((0, 2), (2, 2)))),
             (dk, _float64_kernel_gradient(x, dy, kernel_shape, padding))]:
         assert np.all(np.abs(got - want) <= WINOGRAD_BOUND * magnitude)
-    if _wide():  # by Winograd: not the direct sums' rounding
+    if cpu_kernels.wide_blocks():  # by Winograd: not the direct sums' rounding
         for got, direct in zip((y, dx, dk), forward_and_gradients(False)(x, k), strict=True):
             assert not np.array_equal(got, direct)
 
@@ -402,10 +397,7 @@ def test_a_large_batch_is_split_into_chunks_and_summed_in_a_fixed_order(monkeypa
     first = np.asarray(fn(x, dy, kernel_shape, padding))
     for _ in range(3):
         np.testing.assert_array_equal(fn(x, dy, kernel_shape, padding), first)
-    x64, dy64 = np.asarray(x, np.float64), np.asarray(dy, np.float64)
-    x_pad = np.pad(x64, ((0, 0), (2, 0), (2, 2), (0, 0)))
-    want = np.stack([np.stack([np.einsum("nijc,nijf->cf", x_pad[:, a:a + 28, b:b + 28], dy64)
-                               for b in range(5)]) for a in range(3)])
+    want, _ = _float64_kernel_gradient(x, dy, kernel_shape, padding)
     np.testing.assert_allclose(first, want, rtol=1e-4, atol=2e-3)
 
 

@@ -81,7 +81,7 @@ def test_gated_stack_is_causal_where_its_vertical_stack_takes_winograd():
     variables = model.init(jax.random.key(0), x)
     f = lambda x: model.apply(variables, x)[0, :, :, 0]  # noqa: E731
     grad = jax.jit(jax.grad(lambda x, i, j: f(x)[i, j]))
-    winograd = cpu_kernels.registered() and bool(cpu_kernels._library.PvaeWideBlocks())
+    winograd = cpu_kernels.wide_blocks()
     if winograd:
         # the two gated layers' vertical stacks, forward and input gradient
         assert grad.lower(x, 0, 0).compile().as_text().count("winograd = 1") >= 4

@@ -34,6 +34,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -139,8 +140,8 @@ inline void Rows(const float* x_pad, const float* dy, float* dk, int64_t m, cons
 }
 
 // Rows m from ``m`` to K of dk, MB at a time, then 4, then 1, over the pixels j0 .. Wo.
-// Each entry of dk sums its pixels in the same order whichever block it falls in. Against the guarded reads of
-// the padding this replaced, and blocks of 12 then 4 for K = 80, the vertical stacks'
+// Each entry of dk sums its pixels in the same order whichever block it falls in.
+// Against the guarded reads of the padding this replaced, and blocks of 12 then 4 for K = 80, the vertical stacks'
 // kernel gradient took 3.45 ms against 3.83 ms (2-core Xeon, 50 images, medians of 40
 // calls, the same result to the bit) and a gated_noup step 0.987x the time.
 template <int MB>
@@ -356,11 +357,9 @@ void OutputTransform(const float* m, float* y_row, int64_t tiles, const Shape& s
     }
 }
 
-// The transformed input rows of the last kh rows of x read, by input row: with stride
-// 1 an output row reads the rows of the one before it shifted by one, so each row of x
-// is transformed once per chunk, not once per kernel row.
-// ``slots`` consecutive rows of x are held at once: any ``slots`` consecutive rows may be
-// read together.
+// Rows of x transformed by BT (InputTransform), the last ``slots`` consecutive ones read
+// kept by row: the next output row (or group of rows) reads most of them again, so each
+// row of x is transformed once per chunk, not once per kernel row that reads it.
 class TransformedRows {
  public:
   TransformedRows(const Shape& s, int64_t tiles, int64_t slots)
@@ -639,7 +638,8 @@ void ConvRows(const float* x, const float* k, const float* u, float* y, const Sh
   // Winograd's tiles cover the first 4 * tiles pixels of a row; the direct sums the rest.
   const int64_t tiles = u ? s.Wo / winograd::kM : 0, j0 = tiles * winograd::kM;
   PaddedRows padded(s);
-  winograd::TransformedRows transformed(s, tiles, s.kh);
+  std::optional<winograd::TransformedRows> transformed;  // only where Winograd runs
+  if (tiles) transformed.emplace(s, tiles, s.kh);
   std::vector<float> products(tiles * winograd::kN * s.F);
   std::vector<const float*> x_rows(s.kh), k_rows(s.kh), v_rows(s.kh), u_rows(s.kh);
   for (int64_t row = row0; row < row1; ++row) {
@@ -650,7 +650,7 @@ void ConvRows(const float* x, const float* k, const float* u, float* y, const Sh
       const int64_t x_i = i * s.sh + a - s.top;
       if (x_i < 0 || x_i >= s.H) continue;
       if (tiles) {
-        v_rows[num_rows] = transformed.Get(x, n, x_i, s);
+        v_rows[num_rows] = transformed->Get(x, n, x_i, s);
         u_rows[num_rows] = u + a * winograd::kN * s.C * s.F;
       }
       if (j0 < s.Wo) x_rows[num_rows] = padded.Get(x + (n * s.H + x_i) * s.W * s.C, num_rows);

@@ -96,7 +96,13 @@ def forward_enabled(kernel_shape, strides=(1, 1)) -> bool:
     the gated_noup step's time in two runs of 40 and 60 alternated rounds)."""
     _, kw, _, F = kernel_shape
     faster = F % 32 == 0 or (F % 16 == 0 and kw in (3, 5) and tuple(strides) == (1, 1))
-    return faster and enabled() and bool(_library.PvaeWideBlocks())
+    return faster and enabled() and wide_blocks()
+
+
+def wide_blocks() -> bool:
+    """Whether the kernels are built with the AVX-512 blocks (``registered()`` first):
+    the compiled forward pass and Winograd's paths are only taken there."""
+    return registered() and bool(_library.PvaeWideBlocks())
 
 
 @contextlib.contextmanager
