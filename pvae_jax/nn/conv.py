@@ -207,7 +207,8 @@ _fast_forward.defjvp(_fast_forward_jvp, symbolic_zeros=True)
 
 
 def _conv_in_kernel(x_BxHxWxC, dkernel_HxWxIxO, *, padding, strides, winograd):
-    # ``winograd`` is for the transpose in x (the input gradient, ``_input_cotangent``).
+    # ``winograd`` is for the transposes: the input gradient (``_input_cotangent``) and
+    # the kernel gradient (``_fast_kernel_gradient``); XLA's forward pass ignores it.
     del winograd
     return _forward(x_BxHxWxC, dkernel_HxWxIxO, padding, strides)
 

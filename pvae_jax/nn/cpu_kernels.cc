@@ -141,9 +141,10 @@ inline void Rows(const float* x_pad, const float* dy, float* dk, int64_t m, cons
 
 // Rows m from ``m`` to K of dk, MB at a time, then 4, then 1, over the pixels j0 .. Wo.
 // Each entry of dk sums its pixels in the same order whichever block it falls in.
-// Against the guarded reads of the padding this replaced, and blocks of 12 then 4 for K = 80, the vertical stacks'
-// kernel gradient took 3.45 ms against 3.83 ms (2-core Xeon, 50 images, medians of 40
-// calls, the same result to the bit) and a gated_noup step 0.987x the time.
+// Against the guarded reads of the padding this replaced, and blocks of 12 then 4 for
+// K = 80, the vertical stacks' kernel gradient took 3.45 ms against 3.83 ms (2-core
+// Xeon, 50 images, medians of 40 calls, the same result to the bit) and a gated_noup
+// step 0.987x the time.
 template <int MB>
 inline void RowsFrom(const float* x_pad, const float* dy, float* dk, int64_t m,
                      const Shape& s, int64_t j0) {
@@ -230,9 +231,9 @@ int64_t NumChunks(ffi::ThreadPool& pool, int64_t rows, int64_t min_rows, int64_t
 // - The kernel gradient, F(5, 4): a kernel row's 5 columns of dk from one tile are the
 //   correlation of its 8 columns of x with its 4 of dy, dk_tile = AT5 [(G4 dy_tile) .
 //   (BT x_tile)] with the same points and BT (G4 in DyTransform, AT5 in
-//   KernelOutputTransform). The products are summed over all of a chunk's tiles before AT5, so they are sums
-//   of the transformed x times the transformed dy, 8 products per pair of channels and
-//   tile against 20.
+//   KernelOutputTransform). The products are summed over all of a chunk's tiles
+//   before AT5, so they are sums of the transformed x times the transformed dy, 8
+//   products per pair of channels and tile against 20.
 // The rounding error is about 4 times the direct sums' (3x5 kernels, 16 or 32
 // channels, normal inputs). The forward pass mixes the 8 columns of a tile at that
 // level: an output may change by a rounding error when an input its kernel does not
@@ -481,7 +482,7 @@ void SumRows(const float* x, const float* dy, float* dk, const Shape& s, int64_t
         ++num_rows;
         if (j0 < s.Wo)
           SumRow(padded.Get(x + (n * s.H + x_i) * s.W * s.C, 0), dy + r * s.Wo * s.F,
-                   dk + a * s.K * s.F, s, j0);
+                 dk + a * s.K * s.F, s, j0);
       }
       if (num_rows == 0) continue;
       float* mk_a = mk.data() + a * kN * s.C * s.F;
@@ -629,7 +630,6 @@ constexpr int kPixelBlock = 12;  // 24 of the 32 vector registers accumulate
 constexpr int kPixelBlock = 6;  // 12 of the 16
 #endif
 
-
 // y's output rows [row0, row1) of the flattened (n, i); ``u`` is k transformed for
 // Winograd's F(4, 5) (winograd::Applies), or null for the direct sums alone.
 void ConvRows(const float* x, const float* k, const float* u, float* y, const Shape& s,
@@ -717,7 +717,8 @@ ffi::Error Conv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::
 }
 
 // Both kernels take the pool, two float32 arrays, one result, the padding's top and
-// left, the strides over rows and columns, and the most chunks to split the rows into.
+// left, the strides over rows and columns, the most chunks to split the rows into, and
+// whether Winograd's filtering may be used where it applies (``winograd``, 0 or 1).
 auto Binding() {
   return ffi::Ffi::Bind()
       .Ctx<ffi::ThreadPool>()
