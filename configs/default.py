@@ -78,7 +78,9 @@ def get_config() -> ml_collections.ConfigDict:
     # memory (gated_noup on 2 CPU devices, 5 microbatches of 10 images per device: 67
     # instead of 338 MB of temporaries per device). It is not faster: with the compiled
     # CPU kernel gradients (nn/cpu_kernels.py) 5 microbatches took 1.08x the step time
-    # on a Zen 3 CPU (before them 0.65-0.84x there, 1.07x on a Zen 5; README,
+    # on a Zen 3 CPU (before them 0.65-0.84x there, 1.07x on a Zen 5); on the 2-core
+    # Xeon at the current kernels, gated_noup trained at 0.62-0.75x the images/s with 5
+    # and 0.87-0.98x with 2, whose peak RSS was 1.10 GB against 1.33 GB (README,
     # Performance). Each microbatch adds a copy of the step to the
     # compiled program (compile time grows about linearly). The eval step sums its
     # batch slice by slice too. It must divide batch_size / devices and
